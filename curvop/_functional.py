@@ -1,0 +1,175 @@
+"""The model as a pure function of its selected parameters, and the torch.func primitives on it.
+
+Everything here is functional: the user's parameters are only read (detached), buffers are cloned
+so that a train-mode BatchNorm cannot move the user's running statistics, and no hook or ``.grad``
+ever touches the model.
+
+Shapes: ``B`` batch, ``C`` outputs, ``K`` columns of the loss-Hessian square root, ``P`` selected
+parameters, ``P_live`` entries of the live tensors (see :mod:`curvop.params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+from curvop.likelihoods import Likelihood
+from curvop.params import ParameterSelection
+
+__all__ = ["FunctionalModel", "Batch", "chunk_size"]
+
+Params = tuple[Tensor, ...]
+
+
+class FunctionalModel:
+    """``module`` evaluated as ``f(theta, x)`` with ``theta`` the live parameter tensors.
+
+    Args:
+        module: The module to evaluate (the whole model, or its last layer).
+        selection: Which of its parameters are live.
+    """
+
+    def __init__(self, module: nn.Module, selection: ParameterSelection) -> None:
+        self.module = module
+        self.selection = selection
+        live = set(selection.names)
+        fixed = {n: p.detach() for n, p in module.named_parameters() if n not in live}
+        # clones: a train-mode BatchNorm updates the buffers it is given, not the user's
+        fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
+        self.fixed = fixed
+
+    def __call__(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Output `(B, C)` of the module at parameters ``theta`` on inputs ``x``."""
+        params = dict(self.fixed)
+        params.update(zip(self.selection.names, theta))
+        return functional_call(self.module, params, (x,))
+
+    def single(self, theta: Sequence[Tensor], xn: Tensor) -> Tensor:
+        """Output `(C,)` of one sample ``xn`` (no batch dimension), for ``vmap`` over samples."""
+        return self(theta, xn.unsqueeze(0)).squeeze(0)
+
+
+def chunk_size(budget_bytes: int, bytes_per_item: int, total: int) -> int:
+    """Largest chunk (at least 1, at most ``total``) whose items fit in ``budget_bytes``."""
+    return max(1, min(total, budget_bytes // max(1, bytes_per_item)))
+
+
+@dataclass
+class Batch:
+    """One validated batch ready for the backends.
+
+    Attributes:
+        fm: The functional model (module + live selection).
+        x: The module's inputs (the features ``phi`` for last-layer curvature), `(B, ...)`.
+        y: Validated targets or ``None``.
+        f: Outputs `(B, C)`, computed once without graph.
+        likelihood: The likelihood.
+        budget: Working-memory budget in bytes for chunked computations.
+    """
+
+    fm: FunctionalModel
+    x: Tensor
+    y: Tensor | None
+    f: Tensor
+    likelihood: Likelihood
+    budget: int
+    theta: Params = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.theta = tuple(self.fm.selection.detached())
+
+    @property
+    def sel(self) -> ParameterSelection:
+        """The parameter selection."""
+        return self.fm.selection
+
+    @property
+    def size(self) -> int:
+        """``B``."""
+        return self.x.shape[0]
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the parameters' dtype."""
+        return self.theta[0].element_size()
+
+    def loss(self) -> Tensor:
+        """Summed loss of the batch (detached)."""
+        return self.likelihood.loss(self.f, self.y).detach()
+
+    def flat(self, tensors: Sequence[Tensor], batch_dims: int) -> Tensor:
+        """Flatten per-parameter results and restrict them to the selection, `(*batch, P)`."""
+        return self.sel.select(self.sel.flatten(tensors, batch_dims))
+
+    def sample_chunks(self, bytes_per_sample: int) -> Iterator[slice]:
+        """Slices over the batch whose per-sample results fit the budget."""
+        n = chunk_size(self.budget, bytes_per_sample, self.size)
+        for i in range(0, self.size, n):
+            yield slice(i, min(i + n, self.size))
+
+    # --- per-sample primitives (vmap over samples) ---------------------------------------
+
+    def jacobians(self, rows: slice) -> Tensor:
+        """Per-sample Jacobians of the outputs, `(n, C, P)` for the samples in ``rows``."""
+        jac = vmap(jacrev(self.fm.single), in_dims=(None, 0), randomness="different")(
+            self.theta, self.x[rows]
+        )
+        return self.flat(jac, 2)
+
+    def sqrt_vjps(self, rows: slice, S: Tensor) -> Tensor:
+        """Per-sample ``S_nᵀ J_n`` for square-root columns ``S`` `(n, C, K)`: `(n, K, P)`."""
+
+        def one(xn: Tensor, sn: Tensor) -> Params:
+            _, pullback = vjp(lambda th: self.fm.single(th, xn), self.theta)
+            return vmap(pullback)(sn.T)[0]
+
+        out = vmap(one, randomness="different")(self.x[rows], S)
+        return self.flat(out, 2)
+
+    def gradients(self, rows: slice) -> Tensor:
+        """Per-sample gradients of the loss, `(n, P)`."""
+
+        def loss_one(th: Params, xn: Tensor, yn: Tensor) -> Tensor:
+            return self.likelihood.sample_loss(self.fm.single(th, xn), yn)
+
+        g = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(
+            self.theta, self.x[rows], self.y[rows]
+        )
+        return self.flat(g, 1)
+
+    # --- products over the whole batch (vmap over columns) -----------------------------
+
+    def unflat_columns(self, V: Tensor) -> Params:
+        """Columns `(k, P)` in the selected space → per-parameter tangents `(k, *shape)`."""
+        return tuple(self.sel.unflatten(self.sel.embed(V)))
+
+    def hvp_columns(self, V: Tensor) -> Tensor:
+        """Hessian of the loss times each row of ``V`` `(k, P)`: `(k, P)`."""
+
+        def loss_fn(th: Params) -> Tensor:
+            return self.likelihood.loss(self.fm(th, self.x), self.y)
+
+        def hvp(v: Params) -> Params:
+            return jvp(grad(loss_fn), (self.theta,), (v,))[1]
+
+        out = vmap(hvp, randomness="same")(self.unflat_columns(V))
+        return self.flat(out, 1)
+
+    def ggn_columns(self, V: Tensor, output_hessian: Callable[[Tensor], Tensor]) -> Tensor:
+        """``Jᵀ Λ J`` times each row of ``V`` `(k, P)`: `(k, P)` (``output_hessian`` maps
+        `(k, B, C)` to `(k, B, C)`)."""
+
+        def fwd(th: Params) -> Tensor:
+            return self.fm(th, self.x)
+
+        def jv(v: Params) -> Tensor:
+            return jvp(fwd, (self.theta,), (v,))[1]
+
+        JV = vmap(jv, randomness="same")(self.unflat_columns(V))
+        _, pullback = vjp(fwd, self.theta)
+        out = vmap(pullback)(output_hessian(JV))[0]
+        return self.flat(out, 1)

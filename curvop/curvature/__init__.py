@@ -1,0 +1,15 @@
+"""Curvature interfaces (laplace-torch's ``laplace.curvature`` API) and their backends."""
+
+from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
+from curvop.curvature.registry import BACKENDS
+from curvop.curvature.torch_func import TorchEF, TorchGGN, TorchHessian
+
+__all__ = [
+    "BACKENDS",
+    "CurvatureInterface",
+    "GGNInterface",
+    "EFInterface",
+    "TorchGGN",
+    "TorchEF",
+    "TorchHessian",
+]

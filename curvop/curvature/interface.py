@@ -1,0 +1,358 @@
+"""CurvatureInterface, GGNInterface, EFInterface: the public template methods.
+
+Every public method does the same steps — validate → select parameters → inside
+:func:`~curvop._model_guard.model_guard` call one private backend hook → documented layout →
+return. Backends implement only the hooks (``_jacobians``, ``_gradients``, ``_full``, ``_diag``,
+``_kron``, ...) and list what they support in ``supports``; asking for anything else raises a
+:class:`~curvop.errors.NotSupportedError` naming the class, the method and a backend that can,
+before any work.
+
+:class:`GGNInterface` and :class:`EFInterface` say *what* is computed (the GGN from the
+loss-Hessian square root of :mod:`curvop.likelihoods`, the EF from per-sample gradients);
+backend classes say *how*.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from curvop import _checks
+from curvop._functional import Batch, FunctionalModel
+from curvop._model_guard import model_guard
+from curvop.errors import InputTypeError, NotSupportedError
+from curvop.feature_extractor import FeatureExtractor
+from curvop.params import ParameterSelection
+
+__all__ = ["CurvatureInterface", "GGNInterface", "EFInterface"]
+
+#: working memory of chunked computations, in bytes, unless the user says otherwise
+DEFAULT_MEMORY_BUDGET = 1 << 28
+
+
+class CurvatureInterface:
+    """Curvature of ``factor * lossfunc(model(x), y)`` (summed over the batch) in the parameters.
+
+    Args:
+        model: A ``torch.nn.Module`` or a :class:`~curvop.FeatureExtractor`.
+        likelihood: ``'classification'`` or ``'regression'``.
+        last_layer: Only the last layer's parameters (wraps ``model`` in a FeatureExtractor).
+        subnetwork_indices: Optional 1-D ``LongTensor`` of unique indices into the selected
+            parameter vector (``model.parameters()`` order, trainable only, row-major).
+        memory_budget: Working memory in bytes for chunked computations (default 256 MiB).
+        max_bytes: Largest result a materialisation may allocate; default the free memory of
+            the model's device.
+
+    Attributes:
+        model, likelihood, last_layer, subnetwork_indices: As given (``model`` wrapped when
+            ``last_layer``).
+        lossfunc: ``MSELoss(reduction='sum')`` or ``CrossEntropyLoss(reduction='sum')``.
+        factor: `0.5` for regression, `1.0` for classification.
+
+    Raises:
+        InputTypeError: If ``model``, ``last_layer`` or ``subnetwork_indices`` has a wrong type.
+        InputError: If ``likelihood`` is unknown or ``subnetwork_indices`` is out of range or
+            holds duplicates.
+    """
+
+    #: private hooks this class implements
+    supports: ClassVar[frozenset[str]] = frozenset()
+    #: which backend to suggest when a method is not supported
+    alternative: ClassVar[str] = "TorchGGN / TorchEF / TorchHessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: Tensor | None = None,
+        *,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_bytes: int | None = None,
+    ) -> None:
+        _checks.check_model(model)
+        self._likelihood = _checks.check_likelihood(likelihood)
+        if not isinstance(last_layer, bool):
+            raise InputTypeError(f"`last_layer` must be a bool; got {type(last_layer).__name__}")
+        if last_layer and not isinstance(model, FeatureExtractor):
+            model = FeatureExtractor(model)
+        self.model = model
+        self.likelihood = self._likelihood.value
+        self.last_layer = last_layer
+        self.lossfunc = self._likelihood.lossfunc()
+        self.factor = self._likelihood.factor
+        self.memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
+        self.max_bytes = None if max_bytes is None else _checks.check_positive_int(
+            max_bytes, "max_bytes")
+        self.subnetwork_indices = _checks.check_subnetwork_indices(
+            subnetwork_indices, ParameterSelection(self._param_module).total
+        )
+
+    # --- selection and validation --------------------------------------------------------
+
+    @property
+    def _param_module(self) -> nn.Module:
+        return self.model.last_layer if self.last_layer else self.model
+
+    def _selection(self) -> ParameterSelection:
+        return ParameterSelection(self._param_module, self.subnetwork_indices)
+
+    @property
+    def num_params(self) -> int:
+        """``P``, the number of selected parameters."""
+        return self._selection().num_params
+
+    def _require(self, hook: str, method: str) -> None:
+        if hook not in self.supports:
+            raise NotSupportedError(
+                f"{type(self).__name__} does not support `{method}`; use {self.alternative}"
+            )
+
+    def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection) -> Batch:
+        """Validate ``x``/``y``, compute features (last layer) and outputs without a graph."""
+        _checks.check_inputs(x, sel.device)
+        _checks.check_finite_parameters(
+            (n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        module = self._param_module
+        with torch.no_grad():
+            if self.last_layer:
+                x = self.model.forward_with_features(x)[1].detach()
+            fm = FunctionalModel(module, sel)
+            f = fm(tuple(sel.detached()), x)
+        _checks.check_outputs(f, self._likelihood)
+        if y is not None:
+            y = _checks.check_targets(y, x.shape[0], f.shape[1], self._likelihood)
+        return Batch(fm, x, y, f, self._likelihood, self.memory_budget)
+
+    def _check_result(self, shape: tuple[int, ...], sel: ParameterSelection, what: str) -> None:
+        _checks.check_fits(shape, sel.dtype, sel.device, what, self.max_bytes)
+
+    # --- public template methods ---------------------------------------------------------
+
+    def jacobians(self, x: Tensor, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """Per-sample Jacobians of the outputs in the selected parameters.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            enable_backprop: Accepted for laplace-torch compatibility; results are detached.
+
+        Returns:
+            ``(Js, f)``: ``Js`` `(B, P, C)`, ``f`` `(B, C)`.
+
+        Raises:
+            InputError: If ``x`` is malformed or non-finite, or the output is not `(B, C)`.
+            MemoryBudgetError: If ``Js`` cannot fit.
+        """
+        self._require("_jacobians", "jacobians")
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, None, sel)
+            self._check_result((batch.size, sel.num_params, batch.f.shape[1]), sel, "Js")
+            Js = self._jacobians(batch)
+        return Js.transpose(1, 2), batch.f
+
+    def last_layer_jacobians(self, x: Tensor, enable_backprop: bool = False
+                             ) -> tuple[Tensor, Tensor]:
+        """Per-sample Jacobians in the last layer's parameters, whatever ``last_layer`` is.
+
+        Returns:
+            ``(Js, f)``: ``Js`` `(B, P_last, C)`, ``f`` `(B, C)`.
+
+        Raises:
+            InputError: If ``x`` is malformed or the last layer cannot be found.
+        """
+        if self.last_layer:
+            return self.jacobians(x, enable_backprop)
+        view = type(self).__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.model, view.last_layer, view.subnetwork_indices = (
+            FeatureExtractor(self.model), True, None)
+        return view.jacobians(x, enable_backprop)
+
+    def gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample gradients of the loss (``factor`` included).
+
+        Returns:
+            ``(loss, Gs)``: the summed loss (scalar) and ``Gs`` `(B, P)`.
+
+        Raises:
+            InputError: On malformed ``x``/``y`` (batch sizes, label range, finiteness).
+        """
+        self._require("_gradients", "gradients")
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, y, sel)
+            self._check_result((batch.size, sel.num_params), sel, "Gs")
+            Gs = self._gradients(batch)
+        return batch.loss(), Gs
+
+    def full(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The dense curvature of the batch.
+
+        Returns:
+            ``(loss, H)``: ``H`` `(P, P)`.
+
+        Raises:
+            InputError: On malformed ``x``/``y``.
+            MemoryBudgetError: If a `(P, P)` matrix cannot fit (raised before allocating).
+        """
+        self._require("_full", "full")
+        with model_guard(self.model):
+            sel = self._selection()
+            self._check_result((sel.num_params, sel.num_params), sel, "the full curvature")
+            batch = self._batch(x, y, sel)
+            H = self._full(batch)
+        return batch.loss(), H
+
+    def diag(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact diagonal of the curvature of the batch.
+
+        Returns:
+            ``(loss, h)``: ``h`` `(P,)`.
+
+        Raises:
+            InputError: On malformed ``x``/``y``.
+        """
+        self._require("_diag", "diag")
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, y, sel)
+            h = self._diag(batch)
+        return batch.loss(), h
+
+    def kron(self, x: Tensor, y: Tensor, N: int, **kwargs) -> tuple[Tensor, object]:
+        """Kronecker-factored curvature of the batch.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets.
+            N: Number of data points in the whole data set.
+            **kwargs: Backend options (e.g. ``fallback``).
+
+        Returns:
+            ``(loss, H)``: ``H`` a :class:`curvop.Kron`.
+
+        Raises:
+            NotSupportedError: If this backend or a layer has no Kronecker form.
+        """
+        self._require("_kron", "kron")
+        N = _checks.check_positive_int(N, "N")
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, y, sel)
+            H = self._kron(batch, N, **kwargs)
+        return batch.loss(), H
+
+    # --- hooks every backend may implement -----------------------------------------------
+
+    def _jacobians(self, batch: Batch) -> Tensor:
+        """`(B, C, P)`."""
+        raise NotImplementedError
+
+    def _gradients(self, batch: Batch) -> Tensor:
+        """`(B, P)`."""
+        raise NotImplementedError
+
+    def _full(self, batch: Batch) -> Tensor:
+        """`(P, P)`."""
+        raise NotImplementedError
+
+    def _diag(self, batch: Batch) -> Tensor:
+        """`(P,)`."""
+        raise NotImplementedError
+
+    def _kron(self, batch: Batch, N: int, **kwargs) -> object:
+        raise NotImplementedError
+
+
+class GGNInterface(CurvatureInterface):
+    """Generalised Gauss-Newton :math:`G = \\sum_n J_n^\\top \\Lambda_n J_n` (or its MC Fisher).
+
+    With ``stochastic=True`` :math:`\\Lambda_n` is replaced by the average of
+    :math:`g g^\\top` over ``num_samples`` output gradients at labels sampled from the model,
+    drawn with ``generator`` so that results are reproducible.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices: See :class:`CurvatureInterface`.
+        stochastic: Monte-Carlo Fisher instead of the exact GGN.
+        num_samples: Samples per data point for the MC Fisher.
+        generator: A ``torch.Generator`` for the MC samples.
+        **kwargs: ``memory_budget`` and ``max_bytes``.
+
+    Raises:
+        InputTypeError: If ``stochastic`` is not a bool or ``generator`` not a Generator.
+        InputError: If ``num_samples`` is not positive.
+    """
+
+    def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
+                 subnetwork_indices: Tensor | None = None, stochastic: bool = False,
+                 num_samples: int = 1, generator: torch.Generator | None = None,
+                 **kwargs) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, **kwargs)
+        if not isinstance(stochastic, bool):
+            raise InputTypeError(f"`stochastic` must be a bool; got {type(stochastic).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputTypeError(
+                f"`generator` must be a torch.Generator; got {type(generator).__name__}")
+        self.stochastic = stochastic
+        self.num_samples = _checks.check_positive_int(num_samples, "num_samples")
+        self.generator = generator
+
+    def _sqrt_output_hessian(self, batch: Batch) -> Tensor:
+        """Square root of Λ (exact or sampled) for the batch, `(B, C, K)`."""
+        f = batch.f.detach()
+        if self.stochastic:
+            return batch.likelihood.sampled_sqrt_output_hessian(f, self.num_samples,
+                                                                self.generator)
+        return batch.likelihood.sqrt_output_hessian(f)
+
+    def _sqrt_jacobian_chunks(self, batch: Batch, S: Tensor):
+        """Yield ``S_nᵀ J_n`` `(n, K, P)` over chunks of samples (from ``_jacobians``)."""
+        K = S.shape[-1]
+        for rows in batch.sample_chunks(3 * max(K, batch.f.shape[1]) * batch.sel.num_live
+                                        * batch.itemsize):
+            sub = Batch(batch.fm, batch.x[rows], None, batch.f[rows], batch.likelihood,
+                        batch.budget)
+            yield torch.einsum("nck,ncp->nkp", S[rows], self._jacobians(sub))
+
+    def _full(self, batch: Batch) -> Tensor:
+        S = self._sqrt_output_hessian(batch)
+        P = batch.sel.num_params
+        H = batch.f.new_zeros(P, P)
+        for M in self._sqrt_jacobian_chunks(batch, S):
+            M = M.reshape(-1, P)
+            H.addmm_(M.T, M)
+        return H
+
+    def _diag(self, batch: Batch) -> Tensor:
+        S = self._sqrt_output_hessian(batch)
+        h = batch.f.new_zeros(batch.sel.num_params)
+        for M in self._sqrt_jacobian_chunks(batch, S):
+            h += M.square().sum((0, 1))
+        return h
+
+
+class EFInterface(CurvatureInterface):
+    """Empirical Fisher :math:`F = \\sum_n g_n g_n^\\top`, ``g_n`` sample ``n``'s loss gradient."""
+
+    def _gradient_chunks(self, batch: Batch):
+        """Yield per-sample gradients `(n, P)` over chunks of samples."""
+        for rows in batch.sample_chunks(3 * batch.sel.num_live * batch.itemsize):
+            sub = Batch(batch.fm, batch.x[rows], batch.y[rows], batch.f[rows], batch.likelihood,
+                        batch.budget)
+            yield self._gradients(sub)
+
+    def _full(self, batch: Batch) -> Tensor:
+        P = batch.sel.num_params
+        H = batch.f.new_zeros(P, P)
+        for G in self._gradient_chunks(batch):
+            H.addmm_(G.T, G)
+        return H
+
+    def _diag(self, batch: Batch) -> Tensor:
+        h = batch.f.new_zeros(batch.sel.num_params)
+        for G in self._gradient_chunks(batch):
+            h += G.square().sum(0)
+        return h

@@ -1,0 +1,155 @@
+"""The native backend: TorchGGN, TorchEF, TorchHessian, on torch.func only.
+
+Works for any ``nn.Module`` that ``torch.func`` can trace and ``vmap`` over samples (LayerNorm,
+BatchNorm in eval mode, non-``Sequential`` modules, frozen parameters). Nothing of size
+`(B, C, P)` is formed except by :meth:`jacobians`, which returns it: ``diag`` and ``full`` stream
+per-sample products ``S_nᵀ J_n`` in chunks bounded by ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from curvop import _checks
+from curvop._functional import Batch, chunk_size
+from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
+
+__all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
+
+
+class _TorchBase:
+    """Hooks shared by the three native classes: Jacobians and per-sample gradients."""
+
+    alternative = "TorchGGN / TorchEF / TorchHessian"
+
+    def _jacobians(self, batch: Batch) -> Tensor:
+        return batch.jacobians(slice(None))
+
+    def _gradients(self, batch: Batch) -> Tensor:
+        return batch.gradients(slice(None))
+
+
+class TorchGGN(_TorchBase, GGNInterface):
+    """Exact GGN (or MC Fisher with ``stochastic=True``) with torch.func.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, stochastic, num_samples, generator:
+            See :class:`~curvop.curvature.GGNInterface`.
+        low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
+        **kwargs: ``memory_budget`` and ``max_bytes``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+        >>> loss, H = TorchGGN(net, 'classification').full(x, y)
+        >>> tuple(H.shape), bool(torch.allclose(H, H.T))
+        ((26, 26), True)
+    """
+
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"_jacobians", "_gradients", "_full", "_diag"})
+
+    def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
+                 subnetwork_indices: Tensor | None = None, stochastic: bool = False,
+                 num_samples: int = 1, generator: torch.Generator | None = None,
+                 low_rank: int = 10, **kwargs) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, stochastic,
+                         num_samples, generator, **kwargs)
+        self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
+
+    def _sqrt_jacobian_chunks(self, batch: Batch, S: Tensor):
+        """Yield ``S_nᵀ J_n`` `(n, K, P)` by per-sample vector-Jacobian products."""
+        K = S.shape[-1]
+        for rows in batch.sample_chunks(3 * K * batch.sel.num_live * batch.itemsize):
+            yield batch.sqrt_vjps(rows, S[rows])
+
+    def _full(self, batch: Batch) -> Tensor:
+        # Assembling from per-sample products costs about K backward passes of the batch;
+        # products with identity columns cost P forward+backward passes: pick the cheaper.
+        K = self.num_samples if self.stochastic else batch.f.shape[1]
+        if batch.sel.num_params >= K:
+            return super()._full(batch)
+        S = self._sqrt_output_hessian(batch)
+
+        def lam(JV: Tensor) -> Tensor:
+            return torch.einsum("bck,bdk,nbd->nbc", S, S, JV)
+
+        return _columns(batch, lambda V: batch.ggn_columns(V, lam))
+
+
+class TorchEF(_TorchBase, EFInterface):
+    """Empirical Fisher with torch.func per-sample gradients.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> loss, Gs = TorchEF(net, 'regression').gradients(x, y)
+        >>> torch.allclose(TorchEF(net, 'regression').diag(x, y)[1], Gs.square().sum(0))
+        True
+    """
+
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"_jacobians", "_gradients", "_full", "_diag"})
+
+
+class TorchHessian(_TorchBase, CurvatureInterface):
+    """The Hessian of the loss with torch.func (forward-over-reverse products).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices: See
+            :class:`~curvop.curvature.CurvatureInterface`.
+        low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
+        **kwargs: ``memory_budget`` and ``max_bytes``.
+    """
+
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"_jacobians", "_gradients", "_full", "_diag"})
+
+    def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
+                 subnetwork_indices: Tensor | None = None, low_rank: int = 10,
+                 **kwargs) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, **kwargs)
+        self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
+
+    def _full(self, batch: Batch) -> Tensor:
+        return _columns(batch, batch.hvp_columns)
+
+    def _diag(self, batch: Batch) -> Tensor:
+        # The exact Hessian diagonal has no cheaper general form than P products; done in
+        # column chunks that keep only the diagonal entries.
+        P = batch.sel.num_params
+        h = batch.f.new_empty(P)
+        for cols in _column_chunks(batch):
+            E = _unit_rows(batch, cols)
+            h[cols] = batch.hvp_columns(E).diagonal(offset=cols.start)
+        return h
+
+
+def _column_chunks(batch: Batch):
+    P = batch.sel.num_params
+    per_col = 4 * (batch.sel.num_live + batch.x.numel() + batch.f.numel()) * batch.itemsize
+    n = chunk_size(batch.budget, per_col, P)
+    for i in range(0, P, n):
+        yield slice(i, min(i + n, P))
+
+
+def _unit_rows(batch: Batch, cols: slice) -> Tensor:
+    P = batch.sel.num_params
+    E = batch.f.new_zeros(cols.stop - cols.start, P)
+    E[:, cols] = torch.eye(cols.stop - cols.start, dtype=E.dtype, device=E.device)
+    return E
+
+
+def _columns(batch: Batch, product) -> Tensor:
+    """Materialise a symmetric operator from products with chunks of identity columns."""
+    P = batch.sel.num_params
+    H = batch.f.new_empty(P, P)
+    for cols in _column_chunks(batch):
+        H[cols] = product(_unit_rows(batch, cols))
+    return H

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from cases import LIVE_MODELS, assert_untouched
+
+
+@pytest.fixture(autouse=True)
+def untouched_models():
+    """Every model a test built through ``cases`` must be exactly as it was, even after raises."""
+    LIVE_MODELS.clear()
+    yield
+    for model, before in LIVE_MODELS:
+        assert_untouched(model, before)
+    LIVE_MODELS.clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
