@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
@@ -160,8 +159,10 @@ class Batch:
         return self.flat(out, 1)
 
     def ggn_columns(self, V: Tensor, output_hessian: Callable[[Tensor], Tensor]) -> Tensor:
-        """``Jᵀ Λ J`` times each row of ``V`` `(k, P)`: `(k, P)` (``output_hessian`` maps
-        `(k, B, C)` to `(k, B, C)`)."""
+        """``Jᵀ Λ J`` times each row of ``V`` `(k, P)`: `(k, P)`.
+
+        ``output_hessian`` maps `(k, B, C)` to `(k, B, C)`.
+        """
 
         def fwd(th: Params) -> Tensor:
             return self.fm(th, self.x)

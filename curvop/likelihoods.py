@@ -1,20 +1,20 @@
-"""Likelihoods: the loss, its ``factor``, and the output Hessian Λ — the only place Λ lives.
+r"""Likelihoods: the loss, its ``factor``, and the output Hessian Λ — the only place Λ lives.
 
 curvop's loss is the negative log-likelihood of a batch, summed over the batch:
 
 .. math::
 
-    \\ell(f, y) = \\text{factor} \\cdot \\text{lossfunc}(f, y),
+    \ell(f, y) = \text{factor} \cdot \text{lossfunc}(f, y),
 
 with ``lossfunc`` ``CrossEntropyLoss(reduction='sum')`` and ``factor = 1`` for classification,
 ``MSELoss(reduction='sum')`` and ``factor = 1/2`` for regression (Gaussian, unit noise).
 
-The output Hessian of one sample, :math:`\\Lambda_n = \\nabla_f^2 \\ell(f_n, y_n)` of shape
-`(C, C)`, is the identity for regression and :math:`\\mathrm{diag}(p) - p p^\\top` (``p`` the
+The output Hessian of one sample, :math:`\Lambda_n = \nabla_f^2 \ell(f_n, y_n)` of shape
+`(C, C)`, is the identity for regression and :math:`\mathrm{diag}(p) - p p^\top` (``p`` the
 softmax of the logits) for classification. Everything that needs Λ asks this module for a
-*square root* ``S`` with :math:`\\Lambda_n = S_n S_n^\\top`, of shape `(B, C, K)`; the Monte-Carlo
+*square root* ``S`` with :math:`\Lambda_n = S_n S_n^\top`, of shape `(B, C, K)`; the Monte-Carlo
 Fisher replaces it by ``K = num_samples`` sampled output gradients scaled by
-:math:`1/\\sqrt{K}`.
+:math:`1/\sqrt{K}`.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ class Likelihood(enum.Enum):
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
     def sqrt_output_hessian(self, f: Tensor) -> Tensor:
-        """A square root ``S`` of Λ with ``S @ S.mT == Λ``, `(B, C, C)`.
+        r"""A square root ``S`` of Λ with ``S @ S.mT == Λ``, `(B, C, C)`.
 
-        For classification column ``c`` is :math:`\\sqrt{p_c}(e_c - p)`; then
-        :math:`S S^\\top = \\mathrm{diag}(p) - 2pp^\\top + pp^\\top\\sum_c p_c = \\Lambda`.
+        For classification column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; then
+        :math:`S S^\top = \mathrm{diag}(p) - 2pp^\top + pp^\top\sum_c p_c = \Lambda`.
         """
         B, C = f.shape
         if self is Likelihood.REGRESSION:
@@ -92,7 +92,7 @@ class Likelihood(enum.Enum):
         return p * v - p * (p * v).sum(-1, keepdim=True)
 
     def output_gradient(self, f: Tensor, y: Tensor) -> Tensor:
-        """Gradient of the summed loss in the outputs, `(B, C)` (``f - y`` or ``softmax(f) - onehot(y)``)."""
+        """Gradient of the summed loss in the outputs, `(B, C)`: ``f - y`` or ``p - onehot(y)``."""
         if self is Likelihood.REGRESSION:
             return f - y
         p = torch.softmax(f, dim=-1)
@@ -101,11 +101,11 @@ class Likelihood(enum.Enum):
     def sampled_sqrt_output_hessian(
         self, f: Tensor, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        """Monte-Carlo square root of Λ, `(B, C, num_samples)`.
+        r"""Monte-Carlo square root of Λ, `(B, C, num_samples)`.
 
         Labels are drawn from the model's predictive (``Categorical(softmax(f))`` or
         ``Normal(f, I)``) and each column is the output gradient at a sampled label divided by
-        :math:`\\sqrt{K}`, so ``S @ S.mT`` is the average of ``g gᵀ``: an unbiased estimate of Λ.
+        :math:`\sqrt{K}`, so ``S @ S.mT`` is the average of ``g gᵀ``: an unbiased estimate of Λ.
         Sampling runs on the generator's device (CPU if none) for reproducibility, then moves.
         """
         B, C = f.shape

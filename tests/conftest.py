@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from cases import LIVE_MODELS, assert_untouched
 
 

@@ -268,10 +268,10 @@ class CurvatureInterface:
 
 
 class GGNInterface(CurvatureInterface):
-    """Generalised Gauss-Newton :math:`G = \\sum_n J_n^\\top \\Lambda_n J_n` (or its MC Fisher).
+    r"""Generalised Gauss-Newton :math:`G = \sum_n J_n^\top \Lambda_n J_n` (or its MC Fisher).
 
-    With ``stochastic=True`` :math:`\\Lambda_n` is replaced by the average of
-    :math:`g g^\\top` over ``num_samples`` output gradients at labels sampled from the model,
+    With ``stochastic=True`` :math:`\Lambda_n` is replaced by the average of
+    :math:`g g^\top` over ``num_samples`` output gradients at labels sampled from the model,
     drawn with ``generator`` so that results are reproducible.
 
     Args:
@@ -335,7 +335,7 @@ class GGNInterface(CurvatureInterface):
 
 
 class EFInterface(CurvatureInterface):
-    """Empirical Fisher :math:`F = \\sum_n g_n g_n^\\top`, ``g_n`` sample ``n``'s loss gradient."""
+    r"""Empirical Fisher :math:`F = \sum_n g_n g_n^\top`, ``g_n`` sample ``n``'s loss gradient."""
 
     def _gradient_chunks(self, batch: Batch):
         """Yield per-sample gradients `(n, P)` over chunks of samples."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 import reference as ref
+import torch
 from cases import cases
 from registry import BACKENDS, backend_ids
 
