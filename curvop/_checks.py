@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from curvop.errors import InputError, InputTypeError, MemoryBudgetError
+from curvop.errors import InputError, InputTypeError, MemoryBudgetError, NotSupportedError
 from curvop.likelihoods import Likelihood
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "check_targets",
     "check_outputs",
     "check_finite_parameters",
+    "check_no_batch_coupling",
     "check_subnetwork_indices",
     "check_vector",
     "check_fits",
@@ -149,6 +150,22 @@ def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Like
     if not torch.isfinite(y).all():
         raise InputError("`y` holds non-finite values (nan or inf)")
     return y
+
+
+def check_no_batch_coupling(model: nn.Module) -> None:
+    """Raise for modules whose output couples the samples of a batch (train-mode BatchNorm).
+
+    Curvatures here are sums of per-sample terms; batch statistics break that decomposition.
+
+    Raises:
+        NotSupportedError: Naming the module and the fix (``model.eval()``).
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise NotSupportedError(
+                f"module {name!r} ({type(m).__name__}) is in training mode, where its batch "
+                "statistics couple the samples; call `model.eval()` first"
+            )
 
 
 def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from cases import LIVE_MODELS, assert_untouched
 
 

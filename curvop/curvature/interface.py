@@ -113,6 +113,7 @@ class CurvatureInterface:
     def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection) -> Batch:
         """Validate ``x``/``y``, compute features (last layer) and outputs without a graph."""
         _checks.check_inputs(x, sel.device)
+        _checks.check_no_batch_coupling(self.model)
         _checks.check_finite_parameters(
             (n, p) for n, p in self.model.named_parameters() if p.requires_grad)
         module = self._param_module

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-import reference as ref
 import torch
+
+import reference as ref
 from cases import cases
 from registry import BACKENDS, backend_ids
 

@@ -1,0 +1,106 @@
+"""Properties every curvature must have, whatever the backend: they could each fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from cases import Case, cases
+from registry import BACKENDS, backend_ids
+
+CASES = cases(dtypes=(torch.float64,))
+
+
+def _kinds(backend):
+    return [k for k in ("ggn", "ef", "hessian") if k in BACKENDS[backend]]
+
+
+@pytest.mark.parametrize("backend", backend_ids())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_batch_additivity_symmetry_psd(case, backend):
+    model, x, y = case.build()
+    for kind in _kinds(backend):
+        iface = BACKENDS[backend][kind](model, case.likelihood)
+        _, h = iface.diag(x, y)
+        _, h1 = iface.diag(x[:2], y[:2])
+        _, h2 = iface.diag(x[2:], y[2:])
+        torch.testing.assert_close(h1 + h2, h, rtol=1e-10, atol=1e-12)
+        _, H = iface.full(x, y)
+        torch.testing.assert_close(H, H.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(iface.full(x[:2], y[:2])[1] + iface.full(x[2:], y[2:])[1], H,
+                                   rtol=1e-10, atol=1e-12)
+        if kind != "hessian":
+            assert torch.linalg.eigvalsh(H).min() > -1e-10 * H.abs().max()
+            assert (h >= 0).all()
+
+
+@pytest.mark.parametrize("backend", backend_ids())
+@pytest.mark.parametrize("case", cases(models=["tanh_mlp", "two_path"]), ids=lambda c: c.id)
+def test_last_layer_is_block_and_subnetwork_is_submatrix(case, backend):
+    model, x, y = case.build()
+    cls = BACKENDS[backend]["ggn"]
+    H = cls(model, case.likelihood).full(x, y)[1]
+    P_last = sum(p.numel() for p in ref.selected_params(model, True))
+    H_last = cls(model, case.likelihood, last_layer=True).full(x, y)[1]
+    torch.testing.assert_close(H_last, H[-P_last:, -P_last:], rtol=1e-10, atol=1e-12)
+    idx = torch.tensor([H.shape[0] - 1, 0, 3, 7])
+    H_sub = cls(model, case.likelihood, subnetwork_indices=idx).full(x, y)[1]
+    torch.testing.assert_close(H_sub, H[idx][:, idx], rtol=1e-10, atol=1e-12)
+    h_sub = cls(model, case.likelihood, subnetwork_indices=idx).diag(x, y)[1]
+    torch.testing.assert_close(h_sub, H.diagonal()[idx], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", backend_ids())
+def test_dtype_preserved(backend, dtype):
+    case = Case("tanh_mlp", "classification", dtype)
+    model, x, y = case.build()
+    for kind in _kinds(backend):
+        iface = BACKENDS[backend][kind](model, "classification")
+        for out in (iface.full(x, y), iface.diag(x, y), iface.gradients(x, y)):
+            assert out[1].dtype == dtype and out[0].dtype == dtype
+        Js, f = iface.jacobians(x)
+        assert Js.dtype == dtype and f.dtype == dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_ids())
+def test_device_preserved_cuda(backend):
+    model, x, y = Case("tanh_mlp", "classification", device="cuda").build()
+    for kind in _kinds(backend):
+        _, H = BACKENDS[backend][kind](model, "classification").full(x, y)
+        assert H.device.type == "cuda"
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_mc_fisher_reproducible_and_unbiased(likelihood):
+    cls = BACKENDS["torch"]["ggn"]
+    model, x, y = Case("tanh_mlp", likelihood, batch=4).build()
+    exact = cls(model, likelihood).full(x, y)[1]
+
+    def mc(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return cls(model, likelihood, stochastic=True, num_samples=n, generator=g)
+
+    a, b = mc(3, 2), mc(3, 2)
+    torch.testing.assert_close(a.full(x, y)[1], b.full(x, y)[1], rtol=0, atol=0)
+    torch.testing.assert_close(a.diag(x, y)[1], b.diag(x, y)[1], rtol=0, atol=0)
+    assert not torch.equal(mc(3, 2).full(x, y)[1], mc(4, 2).full(x, y)[1])
+    # 20,000 samples per datum: the relative Frobenius error of an average of n i.i.d. rank-1
+    # terms falls like 1/sqrt(n); 0.05 is over 5 standard errors for these models.
+    approx = mc(0, 20000).full(x, y)[1]
+    err = (approx - exact).norm() / exact.norm()
+    assert err < 0.05, err
+
+
+@pytest.mark.montecarlo
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_mc_fisher_converges_heavy(likelihood):
+    cls = BACKENDS["torch"]["ggn"]
+    model, x, y = Case("cnn", likelihood, batch=4).build()
+    exact = cls(model, likelihood).diag(x, y)[1]
+    g = torch.Generator().manual_seed(0)
+    approx = cls(model, likelihood, stochastic=True, num_samples=200000, generator=g)
+    err = (approx.diag(x, y)[1] - exact).norm() / exact.norm()
+    assert err < 0.01, err
