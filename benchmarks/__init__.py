@@ -1,0 +1,1 @@
+"""Benchmark suite of curvop and its peers; run it with ``python -m benchmarks.run``."""

@@ -1,0 +1,378 @@
+"""Registry of benchmark entries: curvop and its peers, grouped by task.
+
+An :class:`Entry` has a ``setup(problem) -> thunk``: the setup (building interfaces,
+operators, probe vectors, BackPACK's ``extend``) is not timed; the returned zero-argument
+``thunk`` is what :mod:`benchmarks.measure` times. Each entry belongs to one task (see
+:data:`TASKS`); entries of a task compute the same quantity and are compared with each other
+and with the curvop entry named in :data:`REFERENCE`.
+
+Libraries are imported inside ``setup``, so a missing library, or a curvop method that does
+not exist yet, surfaces as an error string in the results rather than a crash. Entries that
+would materialise more than :data:`LIMITS` allows raise :class:`Skipped` before allocating.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.problems import Problem
+
+__all__ = ["ENTRIES", "LIBRARY_MODULES", "LIMITS", "REFERENCE", "TASKS", "Entry", "Skipped"]
+
+Thunk = Callable[[], Any]
+
+TASKS: dict[str, str] = {
+    "baseline": "one forward + backward pass of the summed loss",
+    "diag_ggn": "diagonal of the exact GGN",
+    "diag_fisher_mc": "diagonal of the 1-sample Monte-Carlo Fisher",
+    "diag_ef": "diagonal of the empirical Fisher",
+    "jacobians": "per-sample Jacobians `(B, P, C)` (layout as each library returns)",
+    "full_ggn": "dense `P x P` GGN",
+    "full_ef": "dense `P x P` empirical Fisher",
+    "full_hessian": "dense `P x P` Hessian",
+    "operator_build": "build the matrix-free GGN operator (no product)",
+    "ggn_product": "GGN times one vector",
+    "matmat16": "GGN times a `(P, 16)` matrix",
+    "hvp": "Hessian times one vector",
+    "ef_product": "empirical Fisher times one vector",
+    "fisher_mc_product": "MC Fisher times one vector",
+    "kfac_exact": "KFAC with the exact output Hessian (KFLR / type-2)",
+    "kfac_mc": "KFAC with 1-sample MC output gradients",
+}
+"""Task name -> what every entry of the task computes."""
+
+LIBRARY_MODULES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch", "torch.func", "torch._dynamo"),
+    "curvop": ("linear_operator", "curvop"),
+    "curvlinops": ("curvlinops",),
+    "backpack": ("backpack", "einops"),
+    "laplace": ("laplace", "laplace.curvature", "asdl"),
+}
+"""Library -> modules the fork server imports, so that no entry pays (in time or memory) for
+importing them; ``torch._dynamo`` is imported lazily by the first ``torch.func`` call and
+costs ~170 MB."""
+
+LIMITS: dict[str, float] = {"dense_bytes": 2.0 * 2**30}
+"""Largest dense result (bytes) an entry may allocate; bigger ones are skipped."""
+
+
+class Skipped(Exception):
+    """The entry is infeasible on this problem (e.g. a dense `P x P` too large)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One timed computation.
+
+    Attributes:
+        name: Unique name, ``library.Thing[variant].method``.
+        library: ``'torch'``, ``'curvop'``, ``'curvlinops'``, ``'backpack'`` or ``'laplace'``.
+        task: A key of :data:`TASKS`.
+        setup: ``setup(problem) -> thunk``; untimed preparation returning the timed call.
+        note: What the entry does under the hood, where the name does not say it.
+    """
+
+    name: str
+    library: str
+    task: str
+    setup: Callable[[Problem], Thunk]
+    note: str = ""
+
+
+ENTRIES: dict[str, Entry] = {}
+"""Entry name -> :class:`Entry`, in registration order."""
+
+REFERENCE: dict[str, str] = {}
+"""Task -> the curvop entry every other entry of that task is compared with."""
+
+
+def _register(name: str, task: str, setup: Callable[[Problem], Thunk], note: str = "",
+              reference: bool = False) -> None:
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {sorted(TASKS)}; got {task!r}")
+    ENTRIES[name] = Entry(name, name.split(".")[0], task, setup, note)
+    if reference:
+        REFERENCE[task] = name
+
+
+# --------------------------------------------------------------------------- helpers
+def _itemsize(problem: Problem) -> int:
+    return next(problem.model.parameters()).element_size()
+
+
+def _guard(problem: Problem, numel: int, what: str) -> None:
+    need = numel * _itemsize(problem)
+    if need > LIMITS["dense_bytes"]:
+        raise Skipped(
+            f"{what} needs {need / 2**30:.1f} GiB > limit "
+            f"{LIMITS['dense_bytes'] / 2**30:.1f} GiB (P={problem.num_params})"
+        )
+
+
+def _guard_dense(problem: Problem) -> None:
+    _guard(problem, problem.num_params**2, "dense P x P")
+
+
+def _guard_jacobians(problem: Problem) -> None:
+    p = problem
+    _guard(p, p.batch_size * p.num_params * p.num_outputs, "Jacobians B x P x C")
+
+
+def _params(problem: Problem) -> list[torch.Tensor]:
+    return [p for p in problem.model.parameters() if p.requires_grad]
+
+
+def _probe(problem: Problem, ncols: int | None) -> torch.Tensor:
+    """Seeded random `(P,)` vector (``ncols=None``) or `(P, ncols)` matrix."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (problem.num_params,) if ncols is None else (problem.num_params, ncols)
+    w = next(problem.model.parameters())
+    return torch.randn(shape, generator=gen, dtype=w.dtype).to(w.device)
+
+
+def _probe_list(problem: Problem) -> list[torch.Tensor]:
+    v = _probe(problem, None)
+    return [c.view_as(p) for c, p in zip(v.split([p.numel() for p in _params(problem)]),
+                                         _params(problem))]
+
+
+def _mc_kwargs(cls: type, stochastic: bool) -> dict[str, Any]:
+    """Constructor kwargs selecting the MC Fisher, with a seeded generator if accepted."""
+    if not stochastic:
+        return {}
+    kwargs: dict[str, Any] = {"stochastic": True}
+    if "generator" in inspect.signature(cls).parameters:
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+    return kwargs
+
+
+def _cls(module: str, name: str) -> type:
+    mod = importlib.import_module(module)
+    if not hasattr(mod, name):
+        raise AttributeError(f"`{module}` has no `{name}` (not implemented yet?)")
+    return getattr(mod, name)
+
+
+# --------------------------------------------------------------------------- factories
+def _baseline(problem: Problem) -> Thunk:
+    lossfunc = problem.lossfunc()
+
+    def thunk():
+        problem.model.zero_grad(set_to_none=True)
+        lossfunc(problem.model(problem.x), problem.y).backward()
+
+    return thunk
+
+
+def _interface(module: str, cls_name: str, method: str, stochastic: bool = False,
+               guard: Callable[[Problem], None] | None = None) -> Callable[[Problem], Thunk]:
+    """Setup calling ``cls(model, likelihood).method(...)`` (curvop and laplace-torch)."""
+
+    def setup(problem: Problem) -> Thunk:
+        if guard is not None:
+            guard(problem)
+        cls = _cls(module, cls_name)
+        if module.startswith("laplace"):  # as `laplace.Laplace(...)` does
+            problem.model.output_size = problem.num_outputs
+        iface = cls(problem.model, problem.likelihood, **_mc_kwargs(cls, stochastic))
+        fn = getattr(iface, method)
+        x, y = problem.x, problem.y
+        args = {"jacobians": (x,), "kron": (x, y, problem.batch_size)}.get(method, (x, y))
+        return lambda: fn(*args)
+
+    return setup
+
+
+def _curvop_operator(cls_name: str, ncols: int | None = None, stochastic: bool = False,
+                     build_only: bool = False) -> Callable[[Problem], Thunk]:
+    """Setup for ``op @ v`` with ``op = curvop.<cls>(...).full_operator(x, y)[1]``."""
+
+    def setup(problem: Problem) -> Thunk:
+        cls = _cls("curvop", cls_name)
+        iface = cls(problem.model, problem.likelihood, **_mc_kwargs(cls, stochastic))
+        if build_only:
+            return lambda: iface.full_operator(problem.x, problem.y)
+        _, op = iface.full_operator(problem.x, problem.y)
+        v = _probe(problem, ncols)
+        return lambda: op @ v
+
+    return setup
+
+
+def _curvlinops_operator(cls_name: str, ncols: int | None = None,
+                         build_only: bool = False) -> Callable[[Problem], Thunk]:
+    """Setup for ``op @ v`` with a curvlinops operator on the single batch."""
+
+    def setup(problem: Problem) -> Thunk:
+        cls = _cls("curvlinops", cls_name)
+
+        def build():
+            return cls(problem.model, problem.lossfunc(), _params(problem),
+                       [(problem.x, problem.y)], check_deterministic=False,
+                       num_data=problem.batch_size)
+
+        if build_only:
+            return build
+        op, v = build(), _probe(problem, ncols)
+        return lambda: op @ v
+
+    return setup
+
+
+def _curvlinops_kfac(fisher_type: str) -> Callable[[Problem], Thunk]:
+    """Setup building a curvlinops ``KFACLinearOperator`` and computing its factors."""
+
+    def setup(problem: Problem) -> Thunk:
+        cls = _cls("curvlinops", "KFACLinearOperator")
+
+        def thunk():
+            op = cls(problem.model, problem.lossfunc(), _params(problem),
+                     [(problem.x, problem.y)], check_deterministic=False,
+                     fisher_type=fisher_type, num_data=problem.batch_size)
+            op.compute_kronecker_factors()
+            return op
+
+        return thunk
+
+    return setup
+
+
+def _backpack_extension(ext_name: str) -> Callable[[Problem], Thunk]:
+    """Setup running one backward pass under a BackPACK extension."""
+
+    def setup(problem: Problem) -> Thunk:
+        backpack = importlib.import_module("backpack")
+        ext = _cls("backpack.extensions", ext_name)
+        model = backpack.extend(problem.model)
+        lossfunc = backpack.extend(problem.lossfunc())
+
+        def thunk():
+            model.zero_grad(set_to_none=True)
+            loss = lossfunc(model(problem.x), problem.y)
+            with backpack.backpack(ext()):
+                loss.backward()
+            return [getattr(p, ext().savefield) for p in _params(problem)]
+
+        return thunk
+
+    return setup
+
+
+def _backpack_ggnvp(problem: Problem) -> Thunk:
+    ggn_vector_product = _cls("backpack.hessianfree.ggnvp", "ggn_vector_product")
+    lossfunc, v = problem.lossfunc(), _probe_list(problem)
+
+    def thunk():
+        out = problem.model(problem.x)
+        return ggn_vector_product(lossfunc(out, problem.y), out, problem.model, v)
+
+    return thunk
+
+
+def _backpack_hvp(problem: Problem) -> Thunk:
+    hessian_vector_product = _cls("backpack.hessianfree.hvp", "hessian_vector_product")
+    lossfunc, v, params = problem.lossfunc(), _probe_list(problem), _params(problem)
+
+    def thunk():
+        loss = lossfunc(problem.model(problem.x), problem.y)
+        return hessian_vector_product(loss, params, v)
+
+    return thunk
+
+
+# --------------------------------------------------------------------------- registry
+def _build_registry() -> None:
+    r, cv, lp = _register, "curvop", "laplace.curvature"
+    r("torch.fwd_bwd", "baseline", _baseline, "model.zero_grad; loss(model(x), y).backward()")
+
+    # diagonals
+    r("curvop.TorchGGN.diag", "diag_ggn", _interface(cv, "TorchGGN", "diag"), reference=True)
+    for backend in ("BackPackGGN", "AsdlGGN"):
+        r(f"curvop.{backend}.diag", "diag_ggn", _interface(cv, backend, "diag"))
+    r("backpack.DiagGGNExact", "diag_ggn", _backpack_extension("DiagGGNExact"))
+    r("laplace.CurvlinopsGGN.diag", "diag_ggn",
+      _interface(lp, "CurvlinopsGGN", "diag", guard=_guard_jacobians),
+      "laplace's default backend; diag via torch.func Jacobians")
+    for backend in ("BackPackGGN", "AsdlGGN"):
+        r(f"laplace.{backend}.diag", "diag_ggn", _interface(lp, backend, "diag"))
+
+    r("curvop.TorchGGN[mc].diag", "diag_fisher_mc",
+      _interface(cv, "TorchGGN", "diag", stochastic=True), reference=True)
+    r("backpack.DiagGGNMC", "diag_fisher_mc", _backpack_extension("DiagGGNMC"))
+    for backend in ("BackPackGGN", "AsdlGGN"):
+        r(f"laplace.{backend}[mc].diag", "diag_fisher_mc",
+          _interface(lp, backend, "diag", stochastic=True))
+
+    r("curvop.TorchEF.diag", "diag_ef", _interface(cv, "TorchEF", "diag"), reference=True)
+    r("backpack.SumGradSquared", "diag_ef", _backpack_extension("SumGradSquared"))
+    r("laplace.CurvlinopsEF.diag", "diag_ef", _interface(lp, "CurvlinopsEF", "diag"),
+      "laplace EFInterface.diag via torch.func per-sample gradients")
+    for backend in ("BackPackEF", "AsdlEF"):
+        r(f"laplace.{backend}.diag", "diag_ef", _interface(lp, backend, "diag"))
+
+    # Jacobians and dense matrices
+    r("curvop.TorchGGN.jacobians", "jacobians",
+      _interface(cv, "TorchGGN", "jacobians", guard=_guard_jacobians), reference=True)
+    for backend in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN"):
+        r(f"laplace.{backend}.jacobians", "jacobians",
+          _interface(lp, backend, "jacobians", guard=_guard_jacobians))
+    for task, kind, peers in (
+        ("full_ggn", "GGN", ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")),
+        ("full_ef", "EF", ("CurvlinopsEF", "BackPackEF", "AsdlEF")),
+        ("full_hessian", "Hessian", ("CurvlinopsHessian", "AsdlHessian")),
+    ):
+        r(f"curvop.Torch{kind}.full", task,
+          _interface(cv, f"Torch{kind}", "full", guard=_guard_dense), reference=True)
+        for backend in peers:
+            r(f"laplace.{backend}.full", task,
+              _interface(lp, backend, "full", guard=_guard_dense))
+
+    # matrix-free products
+    r("curvop.TorchGGN.full_operator", "operator_build",
+      _curvop_operator("TorchGGN", build_only=True), reference=True)
+    r("curvlinops.GGNLinearOperator", "operator_build",
+      _curvlinops_operator("GGNLinearOperator", build_only=True))
+    for task, kind, ncols, peer in (
+        ("ggn_product", "GGN", None, "GGNLinearOperator"),
+        ("matmat16", "GGN", 16, "GGNLinearOperator"),
+        ("hvp", "Hessian", None, "HessianLinearOperator"),
+        ("ef_product", "EF", None, "EFLinearOperator"),
+    ):
+        suffix = "matvec" if ncols is None else f"matmat{ncols}"
+        r(f"curvop.Torch{kind}.{suffix}", task, _curvop_operator(f"Torch{kind}", ncols),
+          reference=True)
+        r(f"curvlinops.{peer}.{suffix}", task, _curvlinops_operator(peer, ncols))
+    r("curvop.TorchGGN[mc].matvec", "fisher_mc_product",
+      _curvop_operator("TorchGGN", stochastic=True), reference=True)
+    r("curvlinops.FisherMCLinearOperator.matvec", "fisher_mc_product",
+      _curvlinops_operator("FisherMCLinearOperator"))
+    r("backpack.ggn_vector_product", "ggn_product", _backpack_ggnvp,
+      "forward with graph + R-op / Hessian-vector / L-op by double backward")
+    r("backpack.hessian_vector_product", "hvp", _backpack_hvp,
+      "forward + double backward")
+
+    # Kronecker factors
+    r("curvop.TorchGGN.kron", "kfac_exact", _interface(cv, "TorchGGN", "kron"), reference=True)
+    for backend in ("BackPackGGN", "AsdlGGN"):
+        r(f"curvop.{backend}.kron", "kfac_exact", _interface(cv, backend, "kron"))
+    r("curvlinops.KFAC[type-2]", "kfac_exact", _curvlinops_kfac("type-2"),
+      "construct + compute_kronecker_factors")
+    r("backpack.KFLR", "kfac_exact", _backpack_extension("KFLR"))
+    r("curvop.TorchGGN[mc].kron", "kfac_mc",
+      _interface(cv, "TorchGGN", "kron", stochastic=True), reference=True)
+    r("curvlinops.KFAC[mc]", "kfac_mc", _curvlinops_kfac("mc"),
+      "construct + compute_kronecker_factors")
+    r("backpack.KFAC", "kfac_mc", _backpack_extension("KFAC"))
+    for backend in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN"):
+        r(f"laplace.{backend}.kron", "kfac_exact", _interface(lp, backend, "kron"))
+        r(f"laplace.{backend}[mc].kron", "kfac_mc",
+          _interface(lp, backend, "kron", stochastic=True))
+
+
+_build_registry()

@@ -1,0 +1,314 @@
+"""Timing and peak memory of one (problem, entry), isolated in a fresh child process.
+
+What is measured:
+
+* **Time**: one warm-up call, then up to ``repeats`` calls (fewer when the warm-up call
+  shows that they would exceed ``budget_s``), each bracketed by
+  ``torch.cuda.synchronize()`` on CUDA and timed with :func:`time.perf_counter`. The
+  reported time is the median of the timed calls, in milliseconds.
+* **Peak memory**, relative to the process right after the problem (model and data) is
+  built, over the entry's untimed setup and its warm-up call:
+
+  - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()``
+    before (tensors allocated by torch only; the caching allocator's reserve is excluded).
+  - CPU: peak resident set size (``VmHWM`` of ``/proc/self/status``) minus ``VmRSS``
+    before, after resetting the high-water mark with ``/proc/self/clear_refs``. This counts
+    every page the process touched (tensors, allocator slack, lazily loaded code), so it is
+    an upper bound on the tensor memory. Where ``clear_refs`` is unavailable the
+    ``getrusage`` maximum is used and the value is marked as not reset.
+
+Each (problem, entry) runs in its own child process forked from a fork server that has only
+imported the libraries (no tensors, no thread pools): memory starts clean, a crash or an
+out-of-memory kill stays in the child, and a time-out kills the child.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["fork_context", "measure_entry", "other_load", "run_isolated", "time_thunk"]
+
+_MiB = 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak(device: torch.device) -> bool:
+    """Reset the peak-memory counter; return whether that was possible."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_now(device: torch.device) -> int:
+    """Current memory in bytes: allocated CUDA tensors, or the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    rss = _status_kib("VmRSS")
+    return 1024 * rss if rss is not None else 0
+
+
+def _memory_peak(device: torch.device) -> int:
+    """Peak memory in bytes since the last :func:`_reset_peak`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return 1024 * hwm
+    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """`(busy CPU seconds of the whole host, CPU seconds of this process)` so far."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, me.ru_utime + me.ru_stime
+    busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7]  # user nice system irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime
+
+
+def other_load(window_s: float = 0.5) -> float:
+    """Cores kept busy by other processes over the next ``window_s`` seconds.
+
+    Args:
+        window_s: Sampling window.
+
+    Returns:
+        Busy CPU seconds of the host minus those of this process, per second.
+    """
+    (h0, s0), t0 = _cpu_seconds(), time.perf_counter()
+    time.sleep(window_s)
+    (h1, s1), t1 = _cpu_seconds(), time.perf_counter()
+    return max(0.0, (h1 - h0) - (s1 - s0)) / (t1 - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_thunk(
+    thunk: Callable[[], Any], device: torch.device, repeats: int, budget_s: float
+) -> tuple[float, list[float]]:
+    """Time a thunk: one warm-up call, then up to ``repeats`` timed calls.
+
+    Args:
+        thunk: The zero-argument call to time; its result is discarded.
+        device: Device to synchronise before and after each call.
+        repeats: Largest number of timed calls.
+        budget_s: Time budget of the timed calls; a slow thunk gets fewer repeats (>= 1).
+
+    Returns:
+        `(warm-up seconds, [timed seconds, ...])`.
+    """
+    _sync(device)
+    t0 = time.perf_counter()
+    out = thunk()
+    _sync(device)
+    warm = time.perf_counter() - t0
+    del out
+    n = max(1, min(repeats, math.floor(budget_s / max(warm, 1e-9))))
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = thunk()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        del out
+    return warm, times
+
+
+def _prewarm(problem: Any) -> None:
+    """Run one forward + backward pass before memory is measured.
+
+    Afterwards the thread pool, the allocator's arenas and the code pages of the common
+    kernels are resident, so they do not count towards the entry.
+    """
+    problem.lossfunc()(problem.model(problem.x), problem.y).backward()
+    problem.model.zero_grad(set_to_none=True)
+    _sync(problem.device)
+
+
+def _error_string(err: BaseException) -> str:
+    msg = " ".join(str(err).split())
+    return f"{type(err).__name__}: {msg}"[:400]
+
+
+def measure_entry(
+    problem: str,
+    entry: str,
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 5,
+    budget_s: float = 3.0,
+    threads: int | None = None,
+    dense_gb: float = 2.0,
+) -> dict[str, Any]:
+    """Build a problem, set up an entry, and time it and measure its peak memory.
+
+    Exceptions of the entry are caught and reported; this function only raises for
+    unknown problem or entry names.
+
+    Args:
+        problem: A key of :data:`benchmarks.problems.PROBLEMS`.
+        entry: A key of :data:`benchmarks.competitors.ENTRIES`.
+        device: ``'cpu'`` or ``'cuda'``.
+        quick: Use the tiny problem variant.
+        repeats: Largest number of timed calls after the warm-up call.
+        budget_s: Time budget of the timed calls.
+        threads: ``torch.set_num_threads`` value; ``None`` leaves torch's default.
+        dense_gb: Largest dense result (GiB) before the entry is skipped.
+
+    Returns:
+        A dict with ``status`` (``'ok'``, ``'error'`` or ``'skipped'``), ``median_ms``,
+        ``times_ms``, ``warmup_ms``, ``peak_mem_mb``, ``peak_mem_reset``, ``error`` and
+        ``other_cpu_load`` (cores used by other processes while it ran; 10 ms ticks).
+    """
+    from benchmarks.competitors import ENTRIES, LIMITS
+    from benchmarks.problems import make_problem
+
+    warnings.simplefilter("ignore")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    LIMITS["dense_bytes"] = dense_gb * 2**30
+    spec = ENTRIES[entry]
+    dev = torch.device(device)
+    prob = make_problem(problem, quick=quick, device=dev)
+    _prewarm(prob)
+    result: dict[str, Any] = {
+        "entry": entry,
+        "library": spec.library,
+        "task": spec.task,
+        "note": spec.note,
+        "status": "ok",
+        "median_ms": None,
+        "times_ms": [],
+        "warmup_ms": None,
+        "peak_mem_mb": None,
+        "peak_mem_reset": None,
+        "error": None,
+        "other_cpu_load": None,
+    }
+    before = _memory_now(dev)
+    result["peak_mem_reset"] = _reset_peak(dev)
+    torch.manual_seed(0)
+    (host0, self0), wall0 = _cpu_seconds(), time.perf_counter()
+    try:
+        thunk = spec.setup(prob)
+        warm, times = time_thunk(thunk, dev, repeats, budget_s)
+        (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
+    except Exception as err:  # noqa: BLE001 - every failure is a result to report
+        from benchmarks.competitors import Skipped
+
+        result["status"] = "skipped" if isinstance(err, Skipped) else "error"
+        result["error"] = _error_string(err)
+        if os.environ.get("CURVOP_BENCH_TRACEBACK"):
+            traceback.print_exc()
+        return result
+    busy_other = max(0.0, (host1 - host0) - (self1 - self0))
+    result["other_cpu_load"] = round(busy_other / (wall1 - wall0), 2)
+    result["peak_mem_mb"] = max(0, _memory_peak(dev) - before) / _MiB
+    result["warmup_ms"] = 1e3 * warm
+    result["times_ms"] = [1e3 * t for t in times]
+    result["median_ms"] = 1e3 * statistics.median(times)
+    return result
+
+
+def _child(conn: Any, kwargs: dict[str, Any]) -> None:
+    """Child-process body: measure and send the result dict through ``conn``."""
+    try:
+        conn.send(measure_entry(**kwargs))
+    except BaseException as err:  # noqa: BLE001 - report, never hang the parent
+        conn.send({"status": "error", "error": _error_string(err)})
+    finally:
+        conn.close()
+
+
+def fork_context(preload: Iterable[str]) -> mp.context.BaseContext:
+    """A multiprocessing context whose children fork from a server that imported ``preload``.
+
+    The fork server imports the libraries once (torch alone takes seconds), so every child
+    starts in milliseconds yet holds no tensors, CUDA context or thread pool of an earlier
+    measurement. Modules that fail to import are skipped by the server.
+
+    Args:
+        preload: Module names for the fork server to import.
+
+    Returns:
+        The ``'forkserver'`` context (``'spawn'`` where fork servers are unavailable).
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["benchmarks.measure", *preload])
+    return ctx
+
+
+def run_isolated(
+    kwargs: dict[str, Any], timeout_s: float, ctx: mp.context.BaseContext | None = None
+) -> dict[str, Any]:
+    """Run :func:`measure_entry` in a child process with a time-out.
+
+    Args:
+        kwargs: Keyword arguments of :func:`measure_entry`.
+        timeout_s: Seconds after which the child is killed.
+        ctx: Multiprocessing context, e.g. from :func:`fork_context`.
+
+    Returns:
+        The result dict of :func:`measure_entry`, or one with ``status='timeout'`` or
+        ``status='error'`` (child crashed, e.g. killed for memory) and the reason.
+    """
+    ctx = ctx or fork_context([])
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, kwargs), daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    send.close()
+    result: dict[str, Any]
+    try:
+        if recv.poll(timeout_s):
+            result = recv.recv()
+        else:
+            result = {"status": "timeout", "error": f"timed out after {timeout_s:.0f} s"}
+    except EOFError:
+        proc.join(5)
+        reason = f"child died (exit code {proc.exitcode}; killed for memory?)"
+        result = {"status": "error", "error": reason}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
+    result.setdefault("entry", kwargs["entry"])
+    result["wall_s"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark suite: a quick run on one tiny problem writes valid results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RESULT_FIELDS = {
+    "entry", "library", "task", "status", "median_ms", "times_ms", "warmup_ms",
+    "peak_mem_mb", "error", "ratio_fwd_bwd", "ratio_curvop", "reference", "wall_s",
+}
+
+
+@pytest.mark.benchmark
+def test_quick_run_writes_json_and_readme(tmp_path):
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp",
+        "--tasks", "baseline", "ggn_product", "diag_ggn",
+        "--entries", "torch.*", "curvop.TorchGGN.*", "curvlinops.*", "backpack.ggn_*",
+        "--out", str(tmp_path), "--timeout", "20", "--busy", "100",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    payload = json.loads((tmp_path / "mlp_cpu_quick.json").read_text())
+    assert payload["quick"] is True and payload["device"] == "cpu"
+    assert payload["problem"]["num_params"] > 0
+    assert {"cpu", "torch", "threads", "versions"} <= set(payload["machine"])
+    entries = {r["entry"]: r for r in payload["results"]}
+    assert {"torch.fwd_bwd", "curvlinops.GGNLinearOperator.matvec"} <= set(entries)
+    assert any(name.startswith("curvop.") for name in entries)
+    for r in payload["results"]:
+        assert RESULT_FIELDS <= set(r), r["entry"]
+        assert r["status"] in {"ok", "error", "skipped", "timeout"}
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["peak_mem_mb"] is not None
+        else:
+            assert r["error"], r["entry"]
+    base = entries["torch.fwd_bwd"]
+    assert base["status"] == "ok" and base["ratio_fwd_bwd"] == pytest.approx(1.0)
+    peer = entries["curvlinops.GGNLinearOperator.matvec"]
+    assert peer["status"] == "ok" and peer["ratio_fwd_bwd"] > 0
+
+    readme = (tmp_path / "README.md").read_text()
+    assert "mlp (quick)" in readme and "× fwd+bwd" in readme
