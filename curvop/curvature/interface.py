@@ -328,7 +328,9 @@ class GGNInterface(CurvatureInterface):
         return H
 
     def _diag(self, batch: Batch) -> Tensor:
-        S = self._sqrt_output_hessian(batch)
+        return self._diag_from_sqrt(batch, self._sqrt_output_hessian(batch))
+
+    def _diag_from_sqrt(self, batch: Batch, S: Tensor) -> Tensor:
         h = batch.f.new_zeros(batch.sel.num_params)
         for M in self._sqrt_jacobian_chunks(batch, S):
             h += M.square().sum((0, 1))

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from curvop import _checks
 from curvop._functional import Batch, chunk_size
+from curvop._taps import tap_layers
 from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
+from curvop.layers import diag_sq_sum
 
 __all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
 
@@ -61,12 +63,26 @@ class TorchGGN(_TorchBase, GGNInterface):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, stochastic,
                          num_samples, generator, **kwargs)
         self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
+        self._verified_taps: set = set()  # structures whose layer taps passed their check
 
     def _sqrt_jacobian_chunks(self, batch: Batch, S: Tensor):
         """Yield ``S_nᵀ J_n`` `(n, K, P)` by per-sample vector-Jacobian products."""
         K = S.shape[-1]
         for rows in batch.sample_chunks(3 * K * batch.sel.num_live * batch.itemsize):
             yield batch.sqrt_vjps(rows, S[rows])
+
+    def _diag(self, batch: Batch) -> Tensor:
+        # Closed form for networks of Linear/Conv layers (the square of a per-sample gradient
+        # from layer inputs and backpropagated square-root columns); generic otherwise.
+        S = self._sqrt_output_hessian(batch)
+        taps = tap_layers(batch, S, self._verified_taps)
+        if taps is None:
+            return self._diag_from_sqrt(batch, S)
+        parts: list[Tensor | None] = [None] * len(batch.theta)
+        for t in taps:
+            for slot, d in zip(t.param_slots, diag_sq_sum(t.a, t.g, t.has_bias)):
+                parts[slot] = d
+        return batch.flat(parts, 0)
 
     def _full(self, batch: Batch) -> Tensor:
         # Assembling from per-sample products costs about K backward passes of the batch;

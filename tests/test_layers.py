@@ -1,0 +1,116 @@
+"""Closed forms for Linear/Conv layers (exact diagonal through layer taps) and their guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvop
+from curvop._functional import Batch, FunctionalModel
+from curvop._taps import tap_layers
+from curvop.likelihoods import Likelihood
+from curvop.params import ParameterSelection
+
+import reference as ref
+from cases import Case, register
+
+
+class SeqLinear(nn.Module):
+    """A Linear applied over a sequence dimension (weight sharing), then mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.reshape(x.shape[0], 4, 4))).mean(1))
+
+
+class ReusedWeight(nn.Module):
+    """A Linear whose weight is also used outside its forward: the taps must be rejected."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)) + x @ self.lin.weight.T * 0.3)
+
+
+def conv_net(dims, groups=1, stride=1, dilation=1, padding=1):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    shape = {1: (2, 8), 2: (2, 4, 2), 3: (2, 2, 2, 2)}[dims]
+    return nn.Sequential(
+        nn.Unflatten(1, shape), conv(2, 4, 2, stride=stride, dilation=dilation, padding=padding,
+                                     groups=groups),
+        nn.Tanh(), conv(4, 2, 1, groups=groups if groups <= 2 else 1), nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+
+
+def _taps_used(model, x, y, likelihood="classification"):
+    lik = Likelihood(likelihood)
+    sel = ParameterSelection(model)
+    fm = FunctionalModel(model, sel)
+    with torch.no_grad():
+        f = fm(tuple(sel.detached()), x)
+    batch = Batch(fm, x, y, f, lik, 1 << 26)
+    return tap_layers(batch, lik.sqrt_output_hessian(f)) is not None
+
+
+MODELS = {
+    "conv1d": lambda: conv_net(1),
+    "conv1d_stride_dilation": lambda: conv_net(1, stride=2, dilation=2, padding=2),
+    "conv2d_groups": lambda: conv_net(2, groups=2),
+    "conv3d": lambda: conv_net(3),
+    "seq_linear": SeqLinear,
+}
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_closed_form_diag_matches_reference(name, likelihood):
+    torch.manual_seed(0)
+    C = 3
+    model = MODELS[name]().double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    model(x)  # materialise lazy layers
+    model = register(model.eval())
+    y = (torch.randint(0, C, (5,)) if likelihood == "classification"
+         else torch.randn(5, C, dtype=torch.float64))
+    assert _taps_used(model, x, y, likelihood)
+    H = ref.ggn(model, x, y, likelihood)
+    _, h = curvop.TorchGGN(model, likelihood).diag(x, y)
+    torch.testing.assert_close(h, H.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_taps_rejected_when_weight_used_outside_its_layer():
+    torch.manual_seed(0)
+    model = register(ReusedWeight().double())
+    x, y = torch.randn(5, 16, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert not _taps_used(model, x, y)
+    H = ref.ggn(model, x, y, "classification")
+    _, h = curvop.TorchGGN(model, "classification").diag(x, y)
+    torch.testing.assert_close(h, H.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,expected", [("tanh_mlp", True), ("cnn", True),
+                                           ("mlp_nobias", True), ("layernorm_mlp", False),
+                                           ("two_path", False)])
+def test_which_models_use_the_closed_form(name, expected):
+    model, x, y = Case(name, "classification").build()
+    assert _taps_used(model, x, y) is expected
+
+
+def test_inplace_relu_does_not_corrupt_taps():
+    torch.manual_seed(0)
+    model = register(nn.Sequential(nn.Linear(16, 6), nn.ReLU(inplace=True),
+                                   nn.Linear(6, 3)).double())
+    x, y = torch.randn(7, 16, dtype=torch.float64), torch.randint(0, 3, (7,))
+    assert _taps_used(model, x, y)
+    _, h = curvop.TorchGGN(model, "classification").diag(x, y)
+    torch.testing.assert_close(h, ref.ggn(model, x, y, "classification").diagonal(),
+                               rtol=1e-10, atol=1e-12)
