@@ -15,9 +15,14 @@ from torch import Tensor, nn
 
 from curvop import _checks
 from curvop._functional import Batch, chunk_size
-from curvop._taps import tap_layers
+from curvop._sqrt_form import (
+    ef_sqrt,
+    output_hessian_product,
+    sqrt_form_diag,
+    sqrt_form_full,
+    sqrt_vjp_chunks,
+)
 from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
-from curvop.layers import diag_sq_sum
 
 __all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
 
@@ -66,35 +71,18 @@ class TorchGGN(_TorchBase, GGNInterface):
         self._verified_taps: set = set()  # structures whose layer taps passed their check
 
     def _sqrt_jacobian_chunks(self, batch: Batch, S: Tensor):
-        """Yield ``S_nᵀ J_n`` `(n, K, P)` by per-sample vector-Jacobian products."""
-        K = S.shape[-1]
-        for rows in batch.sample_chunks(3 * K * batch.sel.num_live * batch.itemsize):
-            yield batch.sqrt_vjps(rows, S[rows])
+        return sqrt_vjp_chunks(batch, S)
 
     def _diag(self, batch: Batch) -> Tensor:
-        # Closed form for networks of Linear/Conv layers (the square of a per-sample gradient
-        # from layer inputs and backpropagated square-root columns); generic otherwise.
-        S = self._sqrt_output_hessian(batch)
-        taps = tap_layers(batch, S, self._verified_taps)
-        if taps is None:
-            return self._diag_from_sqrt(batch, S)
-        parts: list[Tensor | None] = [None] * len(batch.theta)
-        for t in taps:
-            for slot, d in zip(t.param_slots, diag_sq_sum(t.a, t.g, t.has_bias)):
-                parts[slot] = d
-        return batch.flat(parts, 0)
+        return sqrt_form_diag(batch, self._sqrt_output_hessian(batch), self._verified_taps)
 
     def _full(self, batch: Batch) -> Tensor:
         # Assembling from per-sample products costs about K backward passes of the batch;
         # products with identity columns cost P forward+backward passes: pick the cheaper.
-        K = self.num_samples if self.stochastic else batch.f.shape[1]
-        if batch.sel.num_params >= K:
-            return super()._full(batch)
         S = self._sqrt_output_hessian(batch)
-
-        def lam(JV: Tensor) -> Tensor:
-            return torch.einsum("bck,bdk,nbd->nbc", S, S, JV)
-
+        if batch.sel.num_params >= S.shape[-1]:
+            return sqrt_form_full(batch, S)
+        lam = output_hessian_product(S)
         return _columns(batch, lambda V: batch.ggn_columns(V, lam))
 
 
@@ -112,6 +100,18 @@ class TorchEF(_TorchBase, EFInterface):
 
     supports: ClassVar[frozenset[str]] = frozenset(
         {"_jacobians", "_gradients", "_full", "_diag"})
+
+    def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
+                 subnetwork_indices: Tensor | None = None, **kwargs) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, **kwargs)
+        self._verified_taps: set = set()
+
+    # g_n = J_nᵀ r_n: the EF is the square-root form with S_n = r_n (one column)
+    def _diag(self, batch: Batch) -> Tensor:
+        return sqrt_form_diag(batch, ef_sqrt(batch), self._verified_taps)
+
+    def _full(self, batch: Batch) -> Tensor:
+        return sqrt_form_full(batch, ef_sqrt(batch))
 
 
 class TorchHessian(_TorchBase, CurvatureInterface):

@@ -1,0 +1,71 @@
+r"""Curvatures of the form :math:`\sum_n J_n^\top S_n S_n^\top J_n` — one implementation.
+
+The exact GGN (``S`` a square root of Λ), the Monte-Carlo Fisher (``S`` sampled output
+gradients over :math:`\sqrt{K}`) and the empirical Fisher (``S`` the output gradient
+:math:`r_n = \partial \ell_n / \partial f_n`, since :math:`g_n = J_n^\top r_n`) differ only in
+``S`` `(B, C, K)`; their diagonal and dense forms live here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from curvop._functional import Batch
+from curvop._taps import tap_layers
+from curvop.layers import diag_sq_sum
+
+__all__ = ["sqrt_vjp_chunks", "sqrt_form_diag", "sqrt_form_full", "ef_sqrt"]
+
+
+def ef_sqrt(batch: Batch) -> Tensor:
+    """The EF's ``S``: output gradients of each sample's loss, `(B, C, 1)`."""
+    return batch.likelihood.output_gradient(batch.f.detach(), batch.y).unsqueeze(-1)
+
+
+def sqrt_vjp_chunks(batch: Batch, S: Tensor) -> Iterator[Tensor]:
+    """Yield ``S_nᵀ J_n`` `(n, K, P)` over chunks of samples (per-sample VJPs)."""
+    K = S.shape[-1]
+    for rows in batch.sample_chunks(3 * K * batch.sel.num_live * batch.itemsize):
+        yield batch.sqrt_vjps(rows, S[rows])
+
+
+def sqrt_form_diag(batch: Batch, S: Tensor, verified: set | None = None) -> Tensor:
+    """The exact diagonal `(P,)`.
+
+    Closed form for networks of Linear/Conv layers (squares of per-sample gradients from layer
+    inputs and backpropagated columns of ``S``, see :mod:`curvop._taps`); per-sample VJPs
+    otherwise.
+    """
+    taps = tap_layers(batch, S, verified)
+    if taps is None:
+        h = batch.f.new_zeros(batch.sel.num_params)
+        for M in sqrt_vjp_chunks(batch, S):
+            h += M.square().sum((0, 1))
+        return h
+    parts: list[Tensor | None] = [None] * len(batch.theta)
+    for t in taps:
+        for slot, d in zip(t.param_slots, diag_sq_sum(t.a, t.g, t.has_bias)):
+            parts[slot] = d
+    return batch.flat(parts, 0)
+
+
+def sqrt_form_full(batch: Batch, S: Tensor) -> Tensor:
+    """The dense matrix `(P, P)` as the Gram matrix of the per-sample products, chunked."""
+    P = batch.sel.num_params
+    H = batch.f.new_zeros(P, P)
+    for M in sqrt_vjp_chunks(batch, S):
+        M = M.reshape(-1, P)
+        H.addmm_(M.T, M)
+    return H
+
+
+def output_hessian_product(S: Tensor):
+    """``V`` `(k, B, C)` ↦ ``S Sᵀ V`` per sample: the Λ of a square-root form."""
+
+    def apply(V: Tensor) -> Tensor:
+        return torch.einsum("bck,bdk,nbd->nbc", S, S, V)
+
+    return apply
