@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
@@ -47,6 +48,15 @@ class FunctionalModel:
         params.update(zip(self.selection.names, theta))
         return functional_call(self.module, params, (x,))
 
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None
+           ) -> FunctionalModel:
+        """A copy whose fixed tensors are cast (floating ones only); the module is shared."""
+        new = object.__new__(FunctionalModel)
+        new.module, new.selection = self.module, self.selection
+        new.fixed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                     for k, v in self.fixed.items()}
+        return new
+
     def single(self, theta: Sequence[Tensor], xn: Tensor) -> Tensor:
         """Output `(C,)` of one sample ``xn`` (no batch dimension), for ``vmap`` over samples."""
         return self(theta, xn.unsqueeze(0)).squeeze(0)
@@ -79,7 +89,22 @@ class Batch:
     theta: Params = field(init=False)
 
     def __post_init__(self) -> None:
-        self.theta = tuple(self.fm.selection.detached())
+        theta = self.fm.selection.detached()
+        self.theta = tuple(t.to(device=self.f.device, dtype=self.f.dtype) for t in theta)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Batch:
+        """The same batch with floating tensors cast to ``dtype`` / moved to ``device``."""
+        if (dtype in (None, self.f.dtype)) and (device is None
+                                                 or torch.device(device) == self.f.device):
+            return self
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return Batch(self.fm.to(dtype, device), cast(self.x), cast(self.y), cast(self.f),
+                     self.likelihood, self.budget)
 
     @property
     def sel(self) -> ParameterSelection:
@@ -141,6 +166,35 @@ class Batch:
         return self.flat(g, 1)
 
     # --- products over the whole batch (vmap over columns) -----------------------------
+
+    def column_chunks(self, total: int | None = None) -> Iterator[slice]:
+        """Slices over `P` columns whose products fit the budget together."""
+        P = self.sel.num_params if total is None else total
+        per_col = 4 * (self.sel.num_live + self.x.numel() + self.f.numel()) * self.itemsize
+        n = chunk_size(self.budget, per_col, P)
+        for i in range(0, P, n):
+            yield slice(i, min(i + n, P))
+
+    def unit_rows(self, cols: slice) -> Tensor:
+        """Rows ``cols`` of the `(P, P)` identity, `(k, P)`."""
+        E = self.f.new_zeros(cols.stop - cols.start, self.sel.num_params)
+        E[:, cols] = torch.eye(cols.stop - cols.start, dtype=E.dtype, device=E.device)
+        return E
+
+    def materialise(self, product: Callable[[Tensor], Tensor]) -> Tensor:
+        """A symmetric `(P, P)` matrix from products with chunks of identity rows."""
+        P = self.sel.num_params
+        H = self.f.new_empty(P, P)
+        for cols in self.column_chunks():
+            H[cols] = product(self.unit_rows(cols))
+        return H
+
+    def diagonal_by_columns(self, product: Callable[[Tensor], Tensor]) -> Tensor:
+        """The diagonal `(P,)` from products with identity rows, keeping only diagonal entries."""
+        h = self.f.new_empty(self.sel.num_params)
+        for cols in self.column_chunks():
+            h[cols] = product(self.unit_rows(cols)).diagonal(offset=cols.start)
+        return h
 
     def unflat_columns(self, V: Tensor) -> Params:
         """Columns `(k, P)` in the selected space → per-parameter tangents `(k, *shape)`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor, nn
 
 from curvop import _checks
@@ -24,9 +25,10 @@ from curvop._functional import Batch, FunctionalModel
 from curvop._model_guard import model_guard
 from curvop.errors import InputTypeError, NotSupportedError
 from curvop.feature_extractor import FeatureExtractor
+from curvop.operators import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
 from curvop.params import ParameterSelection
 
-__all__ = ["CurvatureInterface", "GGNInterface", "EFInterface"]
+__all__ = ["CurvatureInterface", "GGNInterface", "EFInterface", "HessianOperatorMixin"]
 
 #: working memory of chunked computations, in bytes, unless the user says otherwise
 DEFAULT_MEMORY_BUDGET = 1 << 28
@@ -223,6 +225,35 @@ class CurvatureInterface:
             h = self._diag(batch)
         return batch.loss(), h
 
+    def full_operator(self, x: Tensor, y: Tensor) -> tuple[Tensor, LinearOperator]:
+        """The curvature of the batch as a matrix-free `(P, P)` LinearOperator.
+
+        ``op.to_dense()`` equals ``full(x, y)[1]``; ``op @ v`` runs Jacobian-vector and
+        vector-Jacobian products through the model (on its device) for ``v`` `(P,)`,
+        `(P, k)` or `(*b, P, k)`. The operator keeps ``x``, ``y`` and references the model.
+
+        Returns:
+            ``(loss, op)``.
+
+        Raises:
+            InputError: On malformed ``x``/``y``.
+        """
+        self._require("_full_operator", "full_operator")
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, y, sel)
+            op = self._full_operator(batch)
+        return batch.loss(), op
+
+    def diag_operator(self, x: Tensor, y: Tensor) -> tuple[Tensor, DiagLinearOperator]:
+        """The exact diagonal as a ``DiagLinearOperator``.
+
+        Returns:
+            ``(loss, op)`` with ``op.diagonal() == diag(x, y)[1]``.
+        """
+        loss, h = self.diag(x, y)
+        return loss, DiagLinearOperator(h)
+
     def kron(self, x: Tensor, y: Tensor, N: int, **kwargs) -> tuple[Tensor, object]:
         """Kronecker-factored curvature of the batch.
 
@@ -267,6 +298,9 @@ class CurvatureInterface:
     def _kron(self, batch: Batch, N: int, **kwargs) -> object:
         raise NotImplementedError
 
+    def _full_operator(self, batch: Batch) -> LinearOperator:
+        raise NotImplementedError
+
 
 class GGNInterface(CurvatureInterface):
     r"""Generalised Gauss-Newton :math:`G = \sum_n J_n^\top \Lambda_n J_n` (or its MC Fisher).
@@ -300,6 +334,9 @@ class GGNInterface(CurvatureInterface):
         self.stochastic = stochastic
         self.num_samples = _checks.check_positive_int(num_samples, "num_samples")
         self.generator = generator
+
+    def _full_operator(self, batch: Batch) -> LinearOperator:
+        return GGNLinearOperator(*batch.theta, batch=batch, S=self._sqrt_output_hessian(batch))
 
     def _sqrt_output_hessian(self, batch: Batch) -> Tensor:
         """Square root of Λ (exact or sampled) for the batch, `(B, C, K)`."""
@@ -340,6 +377,9 @@ class GGNInterface(CurvatureInterface):
 class EFInterface(CurvatureInterface):
     r"""Empirical Fisher :math:`F = \sum_n g_n g_n^\top`, ``g_n`` sample ``n``'s loss gradient."""
 
+    def _full_operator(self, batch: Batch) -> LinearOperator:
+        return EFLinearOperator(*batch.theta, batch=batch)
+
     def _gradient_chunks(self, batch: Batch):
         """Yield per-sample gradients `(n, P)` over chunks of samples."""
         for rows in batch.sample_chunks(3 * batch.sel.num_live * batch.itemsize):
@@ -359,3 +399,10 @@ class EFInterface(CurvatureInterface):
         for G in self._gradient_chunks(batch):
             h += G.square().sum(0)
         return h
+
+
+class HessianOperatorMixin:
+    """``full_operator`` for Hessian classes (any backend): the matrix-free Hessian."""
+
+    def _full_operator(self, batch: Batch) -> LinearOperator:
+        return HessianLinearOperator(*batch.theta, batch=batch)

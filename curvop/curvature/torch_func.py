@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from curvop import _checks
-from curvop._functional import Batch, chunk_size
+from curvop._functional import Batch
 from curvop._sqrt_form import (
     ef_sqrt,
     output_hessian_product,
@@ -22,7 +22,12 @@ from curvop._sqrt_form import (
     sqrt_form_full,
     sqrt_vjp_chunks,
 )
-from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
+from curvop.curvature.interface import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    HessianOperatorMixin,
+)
 
 __all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
 
@@ -59,7 +64,7 @@ class TorchGGN(_TorchBase, GGNInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, stochastic: bool = False,
@@ -83,7 +88,7 @@ class TorchGGN(_TorchBase, GGNInterface):
         if batch.sel.num_params >= S.shape[-1]:
             return sqrt_form_full(batch, S)
         lam = output_hessian_product(S)
-        return _columns(batch, lambda V: batch.ggn_columns(V, lam))
+        return batch.materialise(lambda V: batch.ggn_columns(V, lam))
 
 
 class TorchEF(_TorchBase, EFInterface):
@@ -99,7 +104,7 @@ class TorchEF(_TorchBase, EFInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, **kwargs) -> None:
@@ -114,7 +119,7 @@ class TorchEF(_TorchBase, EFInterface):
         return sqrt_form_full(batch, ef_sqrt(batch))
 
 
-class TorchHessian(_TorchBase, CurvatureInterface):
+class TorchHessian(_TorchBase, HessianOperatorMixin, CurvatureInterface):
     """The Hessian of the loss with torch.func (forward-over-reverse products).
 
     Args:
@@ -125,7 +130,7 @@ class TorchHessian(_TorchBase, CurvatureInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, low_rank: int = 10,
@@ -134,38 +139,8 @@ class TorchHessian(_TorchBase, CurvatureInterface):
         self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
 
     def _full(self, batch: Batch) -> Tensor:
-        return _columns(batch, batch.hvp_columns)
+        return batch.materialise(batch.hvp_columns)
 
     def _diag(self, batch: Batch) -> Tensor:
-        # The exact Hessian diagonal has no cheaper general form than P products; done in
-        # column chunks that keep only the diagonal entries.
-        P = batch.sel.num_params
-        h = batch.f.new_empty(P)
-        for cols in _column_chunks(batch):
-            E = _unit_rows(batch, cols)
-            h[cols] = batch.hvp_columns(E).diagonal(offset=cols.start)
-        return h
-
-
-def _column_chunks(batch: Batch):
-    P = batch.sel.num_params
-    per_col = 4 * (batch.sel.num_live + batch.x.numel() + batch.f.numel()) * batch.itemsize
-    n = chunk_size(batch.budget, per_col, P)
-    for i in range(0, P, n):
-        yield slice(i, min(i + n, P))
-
-
-def _unit_rows(batch: Batch, cols: slice) -> Tensor:
-    P = batch.sel.num_params
-    E = batch.f.new_zeros(cols.stop - cols.start, P)
-    E[:, cols] = torch.eye(cols.stop - cols.start, dtype=E.dtype, device=E.device)
-    return E
-
-
-def _columns(batch: Batch, product) -> Tensor:
-    """Materialise a symmetric operator from products with chunks of identity columns."""
-    P = batch.sel.num_params
-    H = batch.f.new_empty(P, P)
-    for cols in _column_chunks(batch):
-        H[cols] = product(_unit_rows(batch, cols))
-    return H
+        # The exact Hessian diagonal has no cheaper general form than P products
+        return batch.diagonal_by_columns(batch.hvp_columns)

@@ -1,0 +1,162 @@
+"""The LinearOperator contract for model-backed curvature operators, written once.
+
+``linear_operator`` reads ``device``/``dtype`` from the first positional argument and rebuilds
+operators as ``cls(*self._args, **self._kwargs)`` (in ``.to()``, ``.detach()``, solves), so the
+positional arguments are the detached live parameter tensors only, and everything else — the
+batch (model, inputs, outputs), the square-root columns — travels as keyword arguments.
+``.to(dtype)`` therefore yields an operator that evaluates the model in that dtype, without
+touching the user's model.
+
+The operator is a curvature *at* fixed parameters: it is not differentiable in them, and asking
+for that (``requires_grad_(True)``) raises. Batch dimensions do not exist for it; the batch and
+indexing hooks raise a clear :class:`~curvop.errors.NotSupportedError`, except element access,
+which is answered through products with unit vectors (what pivoted-Cholesky preconditioners
+need).
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from curvop import _checks
+from curvop._functional import Batch, chunk_size
+from curvop.errors import NotSupportedError
+
+__all__ = ["CurvatureLinearOperator"]
+
+_BATCH = ("{cls} is a single `(P, P)` curvature matrix and has no batch dimensions; {what} "
+          "is not supported")
+
+
+class CurvatureLinearOperator(LinearOperator):
+    """Base of the model-backed operators: products, chunking, checks, batch hooks.
+
+    Subclasses implement :meth:`_make_products` (an object with ``matmat(V (k, P)) -> (k, P)``)
+    and :meth:`_diagonal`; they may override :meth:`to_dense` with a faster assembly.
+
+    Args:
+        *theta: The live parameter tensors (detached), as ``linear_operator`` wants them.
+        batch: The :class:`~curvop._functional.Batch` the curvature is taken on.
+        **kwargs: Further keyword arguments of the subclass (tensors such as ``S``).
+    """
+
+    def __init__(self, *theta: Tensor, batch: Batch, **kwargs) -> None:
+        if not theta:
+            raise NotSupportedError("a curvature operator needs at least one parameter tensor")
+        batch = batch.to(dtype=theta[0].dtype, device=theta[0].device)
+        super().__init__(*theta, batch=batch, **kwargs)
+        self._batch = batch
+        self._P = batch.sel.num_params
+        self._prod = None
+
+    # --- products ----------------------------------------------------------------------
+
+    def _make_products(self):
+        raise NotImplementedError
+
+    @property
+    def products(self):
+        """The cached linearisation (built on the first product)."""
+        if self._prod is None:
+            self._prod = self._make_products()
+        return self._prod
+
+    def linearize(self) -> CurvatureLinearOperator:
+        """Build the cached linearisation now (else the first product does); returns ``self``."""
+        _ = self.products
+        return self
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        P = self._P
+        if rhs.dim() == 1:
+            cols = rhs.unsqueeze(0)
+        else:
+            cols = rhs.movedim(-2, -1).reshape(-1, P)
+        b = self._batch
+        per_col = 6 * (b.sel.num_live + b.f.numel()) * b.itemsize + b.x.numel() * b.itemsize
+        n = chunk_size(b.budget, per_col, cols.shape[0])
+        out = torch.cat([self.products.matmat(cols[i: i + n])
+                         for i in range(0, cols.shape[0], n)])
+        if rhs.dim() == 1:
+            return out[0]
+        return out.reshape(*rhs.shape[:-2], rhs.shape[-1], P).movedim(-1, -2)
+
+    def matmul(self, other):
+        """``self @ other`` with ``other`` checked first (length, dtype, device).
+
+        Raises:
+            InputError: If ``other`` does not have `P` rows or is on another device.
+            InputTypeError: If it has another dtype.
+        """
+        if isinstance(other, Tensor):
+            _checks.check_vector(other, self._P, self.dtype, self.device)
+        return super().matmul(other)
+
+    def __matmul__(self, other):
+        return self.matmul(other)
+
+    # --- structure ---------------------------------------------------------------------
+
+    def _size(self) -> torch.Size:
+        return torch.Size([self._P, self._P])
+
+    def _transpose_nonbatch(self) -> CurvatureLinearOperator:
+        return self
+
+    def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
+        if batch_indices:
+            raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="batch indexing"))
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index, device=self.device),
+                                             torch.as_tensor(col_index, device=self.device))
+        uniq, inverse = torch.unique(cols, return_inverse=True)
+        E = torch.zeros(uniq.numel(), self._P, dtype=self.dtype, device=self.device)
+        E[torch.arange(uniq.numel(), device=self.device), uniq] = 1
+        columns = self._matmul(E.T).T  # (u, P): row i is column uniq[i] (symmetric)
+        return columns[inverse, rows]
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        if batch_indices:
+            raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="batch indexing"))
+        return super()._getitem(row_index, col_index)
+
+    def _set_requires_grad(self, val: bool) -> None:
+        if val:
+            raise NotSupportedError(
+                f"{type(self).__name__} is a curvature at fixed parameters and is not "
+                "differentiable in them"
+            )
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor):
+        return (None,) * len(self._args)
+
+    def _expand_batch(self, batch_shape):
+        if tuple(batch_shape) == ():
+            return self
+        raise NotSupportedError(_BATCH.format(cls=type(self).__name__,
+                                              what=f"expanding to {tuple(batch_shape)}"))
+
+    def _unsqueeze_batch(self, dim: int):
+        raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="unsqueeze"))
+
+    def _permute_batch(self, *dims: int):
+        raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="permute"))
+
+    def _sum_batch(self, dim: int):
+        raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="sum over batch"))
+
+    def _prod_batch(self, dim: int):
+        raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="prod over batch"))
+
+    def to_dense(self) -> Tensor:
+        """The dense `(P, P)` matrix (from products with identity columns unless overridden).
+
+        Raises:
+            MemoryBudgetError: If it cannot fit.
+        """
+        _checks.check_fits((self._P, self._P), self.dtype, self.device, "the dense operator")
+        return self._batch.materialise(self.products.matmat)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(P={self._P}, dtype={self.dtype}, device={self.device})"
