@@ -1,30 +1,33 @@
-r"""Damped Kronecker-factored curvature: ``K + δI`` (exact) and ``K + diag(d)`` (iterative).
+r"""Damped Kronecker-factored curvature: ``K + δI`` (exact) and ``K + diag(d)`` (general ``d``).
 
-* :class:`DampedKron` is ``K + blockdiag(δ_b I)`` with one scalar per block. Everything is exact
-  through the factor eigenbases (the Kronecker-sum form):
+* :class:`DampedKron` is ``K + blockdiag(δ_b I)``, one scalar per block, exact through the factor
+  eigenbases (the Kronecker-sum form):
 
   .. math::
       A \otimes B + \delta I = (Q_A \otimes Q_B)(\Lambda_A \otimes \Lambda_B + \delta I)
       (Q_A \otimes Q_B)^\top .
 
-* :class:`KronAddedDiag` is ``K + diag(d)`` for a general per-parameter ``d`` (e.g. a diagonal
-  prior precision). Block by block it takes the cheapest exact route and otherwise an iterative
-  one with a stated accuracy:
+* :class:`KronAddedDiag` is ``M = K + diag(d)`` for a per-parameter ``d`` (e.g. a diagonal prior
+  precision). Block by block it takes the cheapest exact route, else an iterative one whose
+  accuracy is stated and checked:
 
   - ``d`` constant on the block: exact eigenbasis formulas, as above;
-  - dense block ``[C]`` or block side ``n_b ≤ dense_max`` (default 2048): exact, float64
-    Cholesky of the ``n_b × n_b`` block (only that block is materialised, never ``P × P``);
-  - larger blocks: ``solve`` by preconditioned conjugate gradients in float64, stopped when the
-    *true* residual meets ``‖(K_b + D_b)x − r‖₂ ≤ rtol · ‖r‖₂`` for every column (default
-    ``rtol=1e-6``; an error is raised if ``max_iter`` is not enough); ``logdet`` by stochastic
-    Lanczos quadrature (see :meth:`KronAddedDiag.logdet_estimate`), unbiased up to a quadrature
-    error below ``1e-10 · n_b``, with its standard error reported; seeded, so reproducible.
+  - a ``[C]`` block, or side ``n_b ≤ dense_max`` (default 2048): exact float64 Cholesky of that
+    ``n_b × n_b`` block (never ``P × P``);
+  - otherwise, in float64, with a preconditioner ``P_b = L Lᵀ``: ``solve`` by preconditioned CG
+    until the *true* residual meets ``‖M_b x − r‖₂ ≤ rtol·‖r‖₂`` for every column (default
+    ``rtol=1e-6``; an :class:`~curvop.errors.InputError` if ``max_iter`` is not enough), and
+    ``logdet`` as ``log det P_b + tr(M̃ − I) + tr(log M̃ − M̃ + I)`` with
+    ``M̃ = L⁻¹ M_b L⁻ᵀ``: the first two terms exact, the last by stochastic Lanczos quadrature
+    (``num_probes`` seeded Rademacher probes, quadrature converged to ``1e-10 · n_b``) with
+    its standard error returned by :meth:`KronAddedDiag.logdet_estimate`.
 
-  The preconditioner is ``P_b = (Q_A ⊗ Q_B)(Λ + \tilde d)(Q_A ⊗ Q_B)ᵀ`` with
-  ``\tilde d = diag((Q_A ⊗ Q_B)ᵀ D_b (Q_A ⊗ Q_B)) = (Q_A∘Q_A)ᵀ D_b (Q_B∘Q_B)``: exact when
-  ``d`` is constant on the block (it then equals the mean-damping preconditioner), and always
-  ``tr(P_b⁻¹(K_b + D_b)) = n_b``, which makes ``tr(M − I) = 0`` an exact control variate for
-  the log-determinant of ``M = P_b^{-1/2}(K_b + D_b)P_b^{-1/2}``.
+  Two preconditioners are built and the one with the smaller ``‖M̃ − I‖_F`` (estimated with four
+  probes) is kept: the eigenbasis one ``(Q_A ⊗ Q_B)(Λ + d̃)(Q_A ⊗ Q_B)ᵀ``,
+  ``d̃ = diag(Qᵀ D_b Q)`` (exact for constant ``d``; ``tr(M̃ − I) = 0``), and low-rank plus
+  diagonal ``D_b + U Λ_T Uᵀ`` over the top ``r ≤ 512`` Kronecker eigenpairs (exact when the block
+  has rank ``≤ r``, e.g. KFAC factors from few data). The standard error is then small: below
+  ``1e-3`` per block dimension on the test problems, and zero when a preconditioner is exact.
 """
 
 from __future__ import annotations
@@ -112,10 +115,9 @@ def route_added_diag(op: _KronBase, diag: object, options: dict) -> _KronBase:
         return op._with_diag(op.diag + d, **options)
     starts = torch.tensor([0, *op.block_sizes[:-1]], device=d.device).cumsum(0)
     tracked = torch.is_grad_enabled() and d.requires_grad
-    if not tracked:
-        per_block = [bool((p == p[0]).all()) for p in torch.split(d.detach(), op.block_sizes)]
-        if all(per_block):
-            return damp(op, d[starts])
+    sizes = torch.tensor(op.block_sizes, device=d.device)
+    if not tracked and bool((d == torch.repeat_interleave(d[starts], sizes)).all()):
+        return damp(op, d[starts])
     base = op._shift_full()
     full = d if base is None else base + d
     return KronAddedDiag(*op._factors, layout=op.layout, diag=full, **options)
@@ -224,29 +226,22 @@ def _pcg(matvec, precond, b: Tensor, rtol: float, max_iter: int, where: str) -> 
     )
 
 
-def _slq_correction(
-    S, n: int, num_probes: int, seed: int, max_steps: int, where: str, device: torch.device
-):
-    """Estimate ``tr(log M − M + I)`` for SPD ``M`` (given as ``S(v) = M v``) by SLQ.
+def _lanczos_quadrature(S, Z: Tensor, max_steps: int, where: str) -> Tensor:
+    """Per probe ``z``: ``zᵀ(log M − M + I)z`` by Lanczos quadrature.
 
-    Rademacher probes from ``torch.Generator().manual_seed(seed)``; Lanczos (no
-    re-orthogonalisation) per probe until every Gauss quadrature estimate moves by less than
-    ``1e-10 · n``. Returns ``(mean, standard error)`` over the probes.
+    Lanczos runs without re-orthogonalisation until every Gauss quadrature estimate moves by less
+    than ``1e-10 · n``.
     """
-    gen = torch.Generator().manual_seed(seed)
-    Z = torch.randint(0, 2, (n, num_probes), generator=gen, dtype=torch.float64) * 2 - 1
-    v, v_prev = Z.to(device) / math.sqrt(n), None
-    beta_prev = torch.zeros(num_probes, dtype=torch.float64, device=device)
-    broken = torch.zeros(num_probes, dtype=torch.bool, device=device)
+    n, s = Z.shape
+    v, v_prev, beta_prev = Z / math.sqrt(n), None, torch.zeros(s, dtype=Z.dtype, device=Z.device)
+    broken = torch.zeros(s, dtype=torch.bool, device=Z.device)
     alphas, betas, prev = [], [], None
     for step in range(1, max_steps + 1):
-        w = S(v)
-        if v_prev is not None:
-            w = w - beta_prev * v_prev
+        w = S(v) if v_prev is None else S(v) - beta_prev * v_prev
         a = (v * w).sum(0)
         w = w - a * v
         b = w.norm(dim=0)
-        alphas.append(torch.where(broken, torch.ones_like(a), a))
+        alphas.append(torch.where(broken, torch.ones_like(a), a))  # padding: g(1) = 0
         broken = broken | (b <= 1e-10 * a.abs().clamp_min(1.0))
         b = torch.where(broken, torch.zeros_like(b), b)
         if step % 5 == 0 or bool(broken.all()) or step == max_steps:
@@ -260,7 +255,7 @@ def _slq_correction(
             if bool(broken.all()) or (
                 prev is not None and bool(((est - prev).abs() <= 1e-10 * n).all())
             ):
-                return est.mean(), est.std() / math.sqrt(num_probes)
+                return est
             prev = est
         betas.append(b)
         v_prev, beta_prev = v, b
@@ -269,6 +264,22 @@ def _slq_correction(
         f"{where}: Lanczos quadrature did not converge in {max_steps} steps; the block is too "
         "ill-conditioned after preconditioning (add damping or raise `max_iter`)"
     )
+
+
+def _slq_correction(S, n: int, num_probes: int, seed: int, max_steps: int, where: str, device):
+    """``(mean, standard error)`` of ``tr(log M − M + I)`` over seeded Rademacher probes.
+
+    Probes come from ``torch.Generator().manual_seed(seed)`` (on the CPU, so results do not
+    depend on the device) in chunks of at most ``2**24`` entries to bound memory.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    chunk, ests = max(1, min(num_probes, 2**24 // n)), []
+    for start in range(0, num_probes, chunk):
+        m = min(chunk, num_probes - start)
+        Z = torch.randint(0, 2, (n, m), generator=gen, dtype=torch.float64) * 2 - 1
+        ests.append(_lanczos_quadrature(S, Z.to(device), max_steps, where))
+    est = torch.cat(ests)
+    return est.mean(), est.std() / math.sqrt(num_probes)
 
 
 class _EigPrecond:
@@ -305,7 +316,7 @@ class _LowRankDiagPrecond:
 
     def __init__(self, blk: list[Tensor], Qs, lam: Tensor, d: Tensor, r_max: int):
         nB, lamf = Qs[1].shape[0], lam.reshape(-1)
-        top = torch.topk(lamf, min(r_max, int((lamf > 0.05 * d.min()).sum())))
+        top = torch.topk(lamf, max(1, min(r_max, int((lamf > 0.05 * d.min()).sum()))))
         i, j, lt = top.indices // nB, top.indices % nB, top.values
         U = (Qs[0][:, i].unsqueeze(1) * Qs[1][:, j].unsqueeze(0)).reshape(-1, lt.numel())
         self.isd = d.rsqrt().unsqueeze(-1)
@@ -531,7 +542,7 @@ class KronAddedDiag(_KronBase):
                     with torch.no_grad():  # preconditioners carry no gradient
                         Qs, lam, d = (tuple(Q.detach() for Q in Qs), lam.detach(), d.detach())
                         cands = [_EigPrecond(Qs, lam, d)]
-                        r_max = min(512, 2**25 // d.numel())
+                        r_max = min(512, 2**24 // d.numel())
                         if bool(d.min() > 0) and r_max > 0:
                             blk = [F.detach().to(torch.float64) for F in self._blocks[b]]
                             cands.append(_LowRankDiagPrecond(blk, Qs, lam, d, r_max))
@@ -626,15 +637,14 @@ class KronAddedDiag(_KronBase):
 
     # --------------------------------------------------------------- log-determinant
     def logdet_estimate(self) -> tuple[Tensor, float]:
-        """``(log det M, standard error)``; the error is 0 when every block is exact.
+        """``(log det M, standard error)``; the standard error is 0 when every block is exact.
 
         Exact blocks: ``Σ log(λ + d)`` (constant ``d``) or ``2 Σ log diag(L)`` (Cholesky, float64).
-        Iterative blocks: ``log det P_b + tr(log M − M + I)`` with
-        ``M = P_b^{-1/2}(K_b + D_b)P_b^{-1/2}`` (``tr(M − I) = 0`` exactly, see the module
-        docstring), the trace estimated with ``num_probes`` seeded Rademacher probes and Lanczos
-        quadrature. Every term ``zᵀ(log M − M + I)z ≤ 0``, so ``log det P_b`` is an upper bound.
-        The returned standard error is the probe sample standard deviation over
-        ``sqrt(num_probes)``, summed in quadrature over blocks.
+        Iterative blocks: ``log det P_b + tr(M̃ − I)`` (both exact) plus an SLQ estimate of
+        ``tr(log M̃ − M̃ + I) ≤ 0`` (see the module docstring), so ``log det P_b + tr(M̃ − I)`` is
+        an upper bound. The standard error is the probe sample standard deviation over
+        ``sqrt(num_probes)``, combined in quadrature over blocks; the error is unbiased up to the
+        quadrature tolerance ``1e-10 · n_b``. Seeded by ``seed``: calls are reproducible.
 
         Raises:
             InputError: if ``M`` is not positive definite (or the quadrature does not converge).
