@@ -153,10 +153,13 @@ def _mc_kwargs(cls: type, stochastic: bool) -> dict[str, Any]:
 
 
 def _cls(module: str, name: str) -> type:
-    mod = importlib.import_module(module)
-    if not hasattr(mod, name):
-        raise AttributeError(f"`{module}` has no `{name}` (not implemented yet?)")
-    return getattr(mod, name)
+    """``module.name``; for curvop also looked up in ``curvop.curvature`` (its registry)."""
+    candidates = [module] + (["curvop.curvature"] if module == "curvop" else [])
+    for candidate in candidates:
+        mod = importlib.import_module(candidate)
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise AttributeError(f"`{module}` has no `{name}` (not implemented yet?)")
 
 
 # --------------------------------------------------------------------------- factories

@@ -231,7 +231,7 @@ def measure_entry(
         from benchmarks.competitors import Skipped
 
         result["status"] = "skipped" if isinstance(err, Skipped) else "error"
-        result["error"] = _error_string(err)
+        result["error"] = str(err) if isinstance(err, Skipped) else _error_string(err)
         if os.environ.get("CURVOP_BENCH_TRACEBACK"):
             traceback.print_exc()
         return result

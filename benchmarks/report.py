@@ -32,13 +32,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).parent)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return ""
+    return out.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    """Short commit of the repository, with ``+dirty`` if ``curvop/`` has local changes."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--", "../curvop"):
+        commit += "+dirty"
+    return commit or None
 
 
 def machine_info(device: str, threads: int) -> dict[str, Any]:
@@ -104,16 +112,54 @@ def _problem_section(payload: dict[str, Any]) -> list[str]:
     ]
     busy_limit = payload.get("settings", {}).get("busy", 0.5)
     for r in payload["results"]:
-        status = "" if r.get("status") == "ok" else f"**{r.get('status')}**: "
+        notes = []
         load = r.get("other_cpu_load") or 0.0
         if load > busy_limit:
-            status = f"host busy ({load:.1f} other cores); " + status
+            notes.append(f"host busy ({load:.1f} other cores)")
+        if r.get("status") != "ok":
+            notes.append(f"**{r.get('status')}**: {r.get('error') or ''}")
         lines.append(
             f"| {r['task']} | `{r['entry']}` | {_num(r.get('median_ms'))} | "
             f"{_num(r.get('ratio_fwd_bwd'))} | {_num(r.get('ratio_curvop'))} | "
-            f"{_num(r.get('peak_mem_mb'), 1)} | "
-            f"{_cell(status + (r.get('error') or '')) if status else ''} |"
+            f"{_num(r.get('peak_mem_mb'), 1)} | {_cell('; '.join(notes))} |"
         )
+    return lines + [""]
+
+
+def _summary(payloads: list[dict[str, Any]]) -> list[str]:
+    """One row per (problem, task): curvop's time and the fastest other entry's."""
+    lines = [
+        "## Summary",
+        "",
+        "Per problem and task: the curvop reference entry (time, × one forward+backward) and "
+        "the fastest other entry that ran (time relative to curvop; below 1 = faster than "
+        "curvop).",
+        "",
+        "| problem | task | curvop ms | curvop × fwd+bwd | fastest other | its × curvop |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for payload in payloads:
+        ref_names = payload.get("reference", {})
+        by_task: dict[str, list[dict]] = {}
+        for r in payload["results"]:
+            by_task.setdefault(r["task"], []).append(r)
+        for task, rows in by_task.items():
+            if task == "baseline":
+                continue
+            ref = next((r for r in rows if r["entry"] == ref_names.get(task)), None)
+            ok = [r for r in rows if r is not ref and r.get("median_ms") is not None]
+            best = min(ok, key=lambda r: r["median_ms"], default=None)
+            if ref is None or (ref.get("median_ms") is None and best is None):
+                continue
+            curvop = (_num(ref.get("median_ms")) if ref.get("median_ms") is not None
+                      else ref.get("status", "–"))
+            name = "quick " if payload.get("quick") else ""
+            lines.append(
+                f"| {name}{payload['problem']['name']} | {task} | {curvop} | "
+                f"{_num(ref.get('ratio_fwd_bwd'))} | "
+                f"{'`' + best['entry'] + '`' if best else '–'} | "
+                f"{_num(best.get('ratio_curvop')) if best else '–'} |"
+            )
     return lines + [""]
 
 
@@ -161,6 +207,7 @@ def render_markdown(payloads: list[dict[str, Any]]) -> str:
     order = {name: i for i, name in enumerate(PROBLEMS)}
     payloads = sorted(payloads, key=lambda p: (p.get("quick", False), p["device"],
                                                order.get(p["problem"]["name"], 99)))
+    lines += _summary(payloads)
     for payload in payloads:
         lines += _problem_section(payload)
     return "\n".join(lines)
