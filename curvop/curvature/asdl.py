@@ -556,10 +556,19 @@ class AsdlHessian(AsdlInterface):
         self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
 
     def _hessian(self, batch: Batch, shape: str, need: str):
+        """Set up ASDL's Hessian maker; returns ``(module, slots it computes, maker)``.
+
+        Parameters the loss does not depend on are left out (ASDL's autograd calls would fail
+        on them); their rows and columns are zero.
+        """
         from asdl.hessian import HessianConfig, HessianMaker
 
         module = batch.fm.module
         slots = _slots(module, batch, need)
+        with _asdl_call(module, slots, None):
+            grads = torch.autograd.grad(batch.likelihood.loss(module(batch.x), batch.y),
+                                        [s.param for s in slots], allow_unused=True)
+        slots = [s for s, g in zip(slots, grads) if g is not None]
         config = HessianConfig(
             hessian_attr=_HESSIAN_ATTR, tmp_hessian_attr=_HESSIAN_ATTR + "_tmp",
             hvp_attr=_HESSIAN_ATTR + "_hvp", tmp_hvp_attr=_HESSIAN_ATTR + "_tmp_hvp",
@@ -573,15 +582,22 @@ class AsdlHessian(AsdlInterface):
         from asdl.matrices import SHAPE_FULL
 
         module, slots, maker = self._hessian(batch, SHAPE_FULL, "any")
-        with _asdl_call(module, slots, None):
-            maker.forward_and_backward()
-            H = _stats(module, _HESSIAN_ATTR, "data").to(batch.f.dtype)
-        return batch.sel.select(batch.sel.select(H, 0), 1)
+        P = batch.sel.num_live
+        out = batch.f.new_zeros(P, P)
+        if slots:
+            with _asdl_call(module, slots, None):
+                maker.forward_and_backward()
+                H = _stats(module, _HESSIAN_ATTR, "data")
+            idx = torch.cat([torch.arange(s.start, s.stop) for s in slots]).to(out.device)
+            out[idx.unsqueeze(1), idx] = H.to(out.dtype)
+        return batch.sel.select(batch.sel.select(out, 0), 1)
 
     def _diag(self, batch: Batch) -> Tensor:
         from asdl.matrices import SHAPE_DIAG
 
         module, slots, maker = self._hessian(batch, SHAPE_DIAG, "hessian")
+        if not slots:
+            return batch.f.new_zeros(batch.sel.num_params)
         with _asdl_call(module, slots, None):
             maker.forward_and_backward()
             h = _live_vector(batch, slots, lambda s: _stats(s.module, _HESSIAN_ATTR, "diag",
