@@ -173,6 +173,7 @@ def measure_entry(
     budget_s: float = 3.0,
     threads: int | None = None,
     dense_gb: float = 2.0,
+    check: bool = False,
 ) -> dict[str, Any]:
     """Build a problem, set up an entry, and time it and measure its peak memory.
 
@@ -188,6 +189,8 @@ def measure_entry(
         budget_s: Time budget of the timed calls.
         threads: ``torch.set_num_threads`` value; ``None`` leaves torch's default.
         dense_gb: Largest dense result (GiB) before the entry is skipped.
+        check: Also compare the result with the task's curvop reference (see
+            :mod:`benchmarks.check`); adds ``check_rel_err`` or ``check_error``.
 
     Returns:
         A dict with ``status`` (``'ok'``, ``'error'`` or ``'skipped'``), ``median_ms``,
@@ -241,7 +244,32 @@ def measure_entry(
     result["warmup_ms"] = 1e3 * warm
     result["times_ms"] = [1e3 * t for t in times]
     result["median_ms"] = 1e3 * statistics.median(times)
+    if check:
+        result.update(_check(problem, spec, thunk, prob, quick, dev))
     return result
+
+
+def _check(problem: str, spec: Any, thunk: Callable[[], Any], prob: Any, quick: bool,
+           dev: torch.device) -> dict[str, Any]:
+    """Relative error of the entry's result against the task's curvop reference."""
+    from benchmarks.check import CHECKED_TASKS, relative_error, to_common_form
+    from benchmarks.competitors import ENTRIES, REFERENCE
+    from benchmarks.problems import make_problem
+
+    ref_name = REFERENCE.get(spec.task)
+    if spec.task not in CHECKED_TASKS or ref_name in (None, spec.name):
+        return {}
+    try:
+        value = to_common_form(thunk(), prob)
+    except Exception as err:  # noqa: BLE001 - a failed check is a result to report
+        return {"check_error": _error_string(err)}
+    try:
+        ref_prob = make_problem(problem, quick=quick, device=dev)
+        torch.manual_seed(0)
+        reference = to_common_form(ENTRIES[ref_name].setup(ref_prob)(), ref_prob)
+    except Exception as err:  # noqa: BLE001
+        return {"check_error": f"reference {ref_name} failed: {_error_string(err)}"}
+    return {"check_rel_err": relative_error(value, reference)}
 
 
 def _child(conn: Any, kwargs: dict[str, Any]) -> None:

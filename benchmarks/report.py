@@ -93,6 +93,12 @@ def _cell(text: str | None, width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _check_cell(r: dict[str, Any]) -> str:
+    if "check_rel_err" in r:
+        return f"{r['check_rel_err']:.1e}"
+    return _cell(r.get("check_error"), 60) if "check_error" in r else ""
+
+
 def _problem_section(payload: dict[str, Any]) -> list[str]:
     info, machine = payload["problem"], payload["machine"]
     title = info["name"] + (" (quick)" if payload.get("quick") else "")
@@ -107,8 +113,12 @@ def _problem_section(payload: dict[str, Any]) -> list[str]:
         f"One forward+backward: {_num(base.get('median_ms'))} ms. "
         f"Measured {machine['date']} at commit {machine.get('commit')}.",
         "",
-        "| task | entry | median ms | × fwd+bwd | × curvop | peak MB | status / error |",
-        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    checked = any("check_rel_err" in r or "check_error" in r for r in payload["results"])
+    lines += [
+        "| task | entry | median ms | × fwd+bwd | × curvop | peak MB | "
+        + ("rel. err vs curvop | " if checked else "") + "status / error |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if checked else "") + "---|",
     ]
     busy_limit = payload.get("settings", {}).get("busy", 0.5)
     for r in payload["results"]:
@@ -121,7 +131,9 @@ def _problem_section(payload: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['task']} | `{r['entry']}` | {_num(r.get('median_ms'))} | "
             f"{_num(r.get('ratio_fwd_bwd'))} | {_num(r.get('ratio_curvop'))} | "
-            f"{_num(r.get('peak_mem_mb'), 1)} | {_cell('; '.join(notes))} |"
+            f"{_num(r.get('peak_mem_mb'), 1)} | "
+            + (f"{_check_cell(r)} | " if checked else "")
+            + f"{_cell('; '.join(notes))} |"
         )
     return lines + [""]
 
@@ -199,6 +211,9 @@ def render_markdown(payloads: list[dict[str, Any]]) -> str:
         "tensor memory. CUDA: `max_memory_allocated` minus `memory_allocated` before.",
         "- **host busy**: other processes kept that many cores busy during the measurement "
         "(after one rerun), so that time is inflated.",
+        "- **rel. err vs curvop** (only with `--check`): relative Frobenius distance of the "
+        "entry's result to the curvop reference's, after bringing both to a common dense form "
+        "(Monte-Carlo tasks are not compared).",
         "- **skipped**: the dense result would exceed `--dense-gb`; **error**: the library "
         "raised (message shown); **timeout**: killed after `--timeout` seconds.",
         "- Tasks: " + "; ".join(f"`{k}` {v}" for k, v in payloads[0]["tasks"].items()) + ".",

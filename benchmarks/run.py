@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preload", default="all", choices=["all", "needed"],
                     help="libraries the fork server imports: all (default; same baseline for "
                          "every entry) or only those of the selected entries (faster start)")
+    ap.add_argument("--check", action="store_true",
+                    help="compare every result with the task's curvop reference (use --quick)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--list", action="store_true", help="list tasks and entries, then exit")
     args = ap.parse_args(argv)
@@ -170,6 +172,8 @@ def _line(r: dict[str, Any]) -> str:
         what = f"{r['median_ms']:10.2f} ms  {r.get('peak_mem_mb') or 0:8.1f} MB"
     else:
         what = f"{r.get('status', '?').upper()}: {(r.get('error') or '')[:90]}"
+    if "check_rel_err" in r or "check_error" in r:
+        what += f"  check: {r.get('check_rel_err', r.get('check_error'))}"
     load = r.get("other_cpu_load")
     busy = f" busy={load:.1f}" if load else ""
     return f"  {r.get('task', ''):17s} {r['entry']:42s} {what}  [{r.get('wall_s', 0):.1f}s{busy}]"
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             kwargs = dict(problem=problem, entry=name, device=args.device, quick=args.quick,
                           repeats=args.repeats, budget_s=args.budget, threads=args.threads,
-                          dense_gb=args.dense_gb)
+                          dense_gb=args.dense_gb, check=args.check)
             res = _measure(kwargs, args, ctx)
             spec = ENTRIES[name]
             res.update(entry=name, library=spec.library, task=spec.task, note=spec.note)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "settings": {k: getattr(args, k) for k in ("repeats", "budget", "timeout", "threads",
                                                        "dense_gb", "isolation", "busy",
-                                                       "preload")},
+                                                       "preload", "check")},
             "reference": REFERENCE,
             "tasks": TASKS,
             "results": results,
