@@ -233,8 +233,8 @@ def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None) ->
         if batch_size is not None:
             handles = _probe(slots, batch_size)
         with warnings.catch_warnings(), torch.enable_grad():
+            # ASDL registers old-style module backward hooks; torch deprecates them
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-            warnings.filterwarnings("ignore", category=FutureWarning)
             yield
     finally:
         for h in handles:
