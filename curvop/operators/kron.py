@@ -143,10 +143,15 @@ def _shape_inv_quad(terms: Tensor, rhs: Tensor, reduce: bool) -> Tensor:
 
 
 def _kron_apply(F1: Tensor, F2: Tensor, X: Tensor) -> Tensor:
-    """``(F1 ⊗ F2) x`` for the columns of ``X`` `(n1 * n2, m)`, i.e. ``F1 X F2ᵀ`` per column."""
+    """``(F1 ⊗ F2) x`` for the columns of ``X`` `(n1 * n2, m)`, i.e. ``F1 X F2ᵀ`` per column.
+
+    Two plain GEMMs with explicit transposes: broadcasting ``F2`` over a batch would copy it.
+    """
     n1, n2, m = F1.shape[-1], F2.shape[-1], X.shape[-1]
-    T = (F1 @ X.reshape(n1, n2 * m)).reshape(F1.shape[0], n2, m)
-    return torch.matmul(F2, T).reshape(-1, m)
+    if m == 1:
+        return (F1 @ X.reshape(n1, n2) @ F2.mT).reshape(-1, 1)
+    T = (F1 @ X.reshape(n1, n2 * m)).reshape(-1, n2, m).transpose(0, 1).reshape(n2, -1)
+    return (F2 @ T).reshape(F2.shape[0], -1, m).transpose(0, 1).reshape(-1, m)
 
 
 class _BlockDiag(LinearOperator):

@@ -266,18 +266,20 @@ def _lanczos_quadrature(S, Z: Tensor, max_steps: int, where: str) -> Tensor:
     )
 
 
-def _slq_correction(S, n: int, num_probes: int, seed: int, max_steps: int, where: str, device):
+def _slq_correction(lanczos_op, n, num_probes: int, seed: int, max_steps: int, where: str, device):
     """``(mean, standard error)`` of ``tr(log M − M + I)`` over seeded Rademacher probes.
 
+    ``lanczos_op = (S, to_basis)``: ``S`` applies ``M`` in the basis ``to_basis`` maps probes to.
     Probes come from ``torch.Generator().manual_seed(seed)`` (on the CPU, so results do not
     depend on the device) in chunks of at most ``2**24`` entries to bound memory.
     """
+    S, to_basis = lanczos_op
     gen = torch.Generator().manual_seed(seed)
     chunk, ests = max(1, min(num_probes, 2**24 // n)), []
     for start in range(0, num_probes, chunk):
         m = min(chunk, num_probes - start)
         Z = torch.randint(0, 2, (n, m), generator=gen, dtype=torch.float64) * 2 - 1
-        ests.append(_lanczos_quadrature(S, Z.to(device), max_steps, where))
+        ests.append(_lanczos_quadrature(S, to_basis(Z.to(device)), max_steps, where))
     est = torch.cat(ests)
     return est.mean(), est.std() / math.sqrt(num_probes)
 
@@ -293,6 +295,18 @@ class _EigPrecond:
         pre = (lam + QA2.mT @ d.reshape(QA2.shape[0], QB2.shape[0]) @ QB2).reshape(-1, 1)
         self.pre = pre.clamp_min(pre.max() * torch.finfo(pre.dtype).eps)
         self.Qs, self.logdet, self.trace_dev = Qs, float(torch.log(self.pre).sum()), 0.0
+        self.lam, self.d = lam.reshape(-1, 1), d.unsqueeze(-1)
+
+    def lanczos(self, mv):
+        """``(S, to_basis)``: ``M̃`` in the eigenbasis (2 rotations a product, not 5)."""
+        isq = self.pre.rsqrt()
+
+        def S(w: Tensor) -> Tensor:
+            u = isq * w
+            Du = self.d * _KronBase._rotate(self.Qs, u, False)
+            return isq * (self.lam * u + _KronBase._rotate(self.Qs, Du, True))
+
+        return S, lambda Z: _KronBase._rotate(self.Qs, Z, True)
 
     def _apply(self, x: Tensor, w: Tensor) -> Tensor:
         return _KronBase._rotate(self.Qs, _KronBase._rotate(self.Qs, x, True) * w, False)
@@ -345,6 +359,10 @@ class _LowRankDiagPrecond:
 
     def solve(self, x: Tensor) -> Tensor:
         return self.right(self.left(x))
+
+    def lanczos(self, mv):
+        """``(S, to_basis)``: ``M̃ = L⁻¹ M L⁻ᵀ`` in the standard basis."""
+        return (lambda v: self.left(mv(self.right(v)))), (lambda Z: Z)
 
 
 def _choose_precond(mv, candidates, n: int, seed: int):
@@ -668,7 +686,7 @@ class KronAddedDiag(_KronBase):
                 pre, mv = item["pre"], self._block_matvec(item)
                 with torch.no_grad():
                     mean, se = _slq_correction(
-                        lambda v, pre=pre, mv=mv: pre.left(mv(pre.right(v))),
+                        pre.lanczos(mv),
                         item["d"].numel(),
                         self._options["num_probes"],
                         self._options["seed"] + b,

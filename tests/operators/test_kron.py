@@ -296,7 +296,7 @@ def test_linear_operator_routines(op_name, cholesky, precond, K, kfacs):
             torch.testing.assert_close(R @ x, D @ x, **TOL64)
         else:
             est, se = op.logdet_estimate()
-            assert abs(est - torch.logdet(D)) <= 4 * se
+            assert abs(est - torch.logdet(D)) <= 4 * se + 1e-10 * abs(est)
             with pytest.raises(NotSupportedError, match="no exact form for block 0"):
                 linear_operator.root_decomposition(op)
 
@@ -314,12 +314,12 @@ def _big_problem(seed=0, spread=10.0, ranks=(5, 8), sizes=(20, 30)):
 @pytest.mark.parametrize("rtol", [1e-4, 1e-6, 1e-10])
 @pytest.mark.parametrize("ranks", [(5, 8), (None, None)])
 def test_added_diag_iterative_solve_meets_rtol(rtol, ranks):
-    K, d, D = _big_problem(ranks=ranks, sizes=(30, 40))
+    K, d, D = _big_problem(ranks=ranks, sizes=(20, 30))
     op = K.add_diagonal(d, dense_max=0, rtol=rtol)
     assert op._plan() == ["iter", "dense"]
-    b = rhs(1206, 3)
+    b = rhs(606, 3)
     x = op.solve(b)
-    for blk in (slice(0, 1200), slice(1200, 1206)):
+    for blk in (slice(0, 600), slice(600, 606)):
         res = (D[blk, blk] @ x[blk] - b[blk]).norm(dim=0) / b[blk].norm(dim=0)
         assert (res <= rtol).all(), res
     ev = torch.linalg.eigvalsh(D)
