@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from curvature.test_conformance import assert_unsupported, unsupported
+
 import reference as ref
 from cases import Case, cases
 from registry import BACKENDS, backend_ids
@@ -22,6 +24,11 @@ def test_batch_additivity_symmetry_psd(case, backend):
     model, x, y = case.build()
     for kind in _kinds(backend):
         iface = BACKENDS[backend][kind](model, case.likelihood)
+        if unsupported(backend, case.model_name, "all", f"{kind}.diag"):
+            assert_unsupported(iface.diag, x[:2], y[:2])
+            if unsupported(backend, case.model_name, "all", f"{kind}.full"):
+                assert_unsupported(iface.full, x[2:], y[2:])
+            continue
         _, h = iface.diag(x, y)
         _, h1 = iface.diag(x[:2], y[:2])
         _, h2 = iface.diag(x[2:], y[2:])
@@ -40,9 +47,22 @@ def test_batch_additivity_symmetry_psd(case, backend):
 def test_last_layer_is_block_and_subnetwork_is_submatrix(case, backend):
     model, x, y = case.build()
     cls = BACKENDS[backend]["ggn"]
+    H_last = cls(model, case.likelihood, last_layer=True).full(x, y)[1]
+    if unsupported(backend, case.model_name, "all", "ggn.full"):
+        # the whole model is out of reach; its last layer is not
+        assert_unsupported(cls(model, case.likelihood).full, x, y)
+        idx = torch.tensor([sum(p.numel() for p in model.parameters() if p.requires_grad) - 1])
+        sub = cls(model, case.likelihood, subnetwork_indices=idx)
+        if unsupported(backend, case.model_name, "last_entry", "ggn.diag"):
+            assert_unsupported(sub.diag, x, y)
+        else:  # only the layers of the selected parameters matter to this backend
+            torch.testing.assert_close(sub.diag(x, y)[1], H_last.diagonal()[-1:],
+                                       rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(H_last, ref.ggn(model, x, y, case.likelihood, True),
+                                   rtol=1e-10, atol=1e-12)
+        return
     H = cls(model, case.likelihood).full(x, y)[1]
     P_last = sum(p.numel() for p in ref.selected_params(model, True))
-    H_last = cls(model, case.likelihood, last_layer=True).full(x, y)[1]
     torch.testing.assert_close(H_last, H[-P_last:, -P_last:], rtol=1e-10, atol=1e-12)
     idx = torch.tensor([H.shape[0] - 1, 0, 3, 7])
     H_sub = cls(model, case.likelihood, subnetwork_indices=idx).full(x, y)[1]
