@@ -366,7 +366,7 @@ class _KronBase(LinearOperator):
             start += self._sizes[b]
         shift = self._shift_full()
         if shift is not None:
-            out = out + torch.where(r == c, shift[r], torch.zeros((), dtype=out.dtype))
+            out = out + torch.where(r == c, shift[r], out.new_zeros(()))
         return out.reshape(shape)
 
     # ------------------------------------------------------------------ batch hooks
@@ -410,9 +410,9 @@ class _KronBase(LinearOperator):
         Raises:
             InputError: if a factor has a clearly negative eigenvalue (it is not PSD).
         """
-        key = _version_key(self._factors)
-        if self._eig_cache is not None and self._eig_cache[0] == key:
-            return self._eig_cache[1]
+        key, cache_ok = _version_key(self._factors), self._cache_ok()
+        if cache_ok and self._eig_cache is not None and self._eig_cache[0] == key:
+            return self._eig_cache[1]  # never when autograd tracks: the cache holds no graph
         eps = _eps(self.dtype)
         res = []
         for b, blk in enumerate(self._blocks):
@@ -428,7 +428,7 @@ class _KronBase(LinearOperator):
                     )
                 pairs.append((torch.where(lam > tol, lam, torch.zeros_like(lam)), Q))
             res.append(pairs)
-        if self._cache_ok():
+        if cache_ok:
             self._eig_cache = (key, res)
         return res
 
@@ -728,6 +728,8 @@ class Kron(_KronBase):
     Note:
         linear_operator rebuilds operators as ``cls(*self._args, **self._kwargs)``; here that is
         ``Kron(*flat_factors, layout=(2, 1, ...))``, the second (internal) calling form.
+        Everything is differentiable w.r.t. the factors; the spectral routines (through
+        ``eigh``) give the gradient along symmetric directions, ``(G + Gᵀ)/2``.
 
     Example:
         >>> A, B, C = torch.eye(2), 2 * torch.eye(3), torch.eye(2)

@@ -511,13 +511,12 @@ class KronAddedDiag(_KronBase):
 
     # --------------------------------------------------------------- per-block plan and data
     def _cached(self, name: str, fn):
+        if not self._cache_ok():  # autograd tracks the inputs: the cache holds no graph
+            return fn()
         key = (name, _version_key(self.representation()))
-        if key in self._memo:
-            return self._memo[key]
-        val = fn()
-        if self._cache_ok():
-            self._memo[key] = val
-        return val
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
 
     def _plan(self) -> list[str]:
         """Per block: ``'const'`` (exact eigenbasis), ``'dense'`` (exact Cholesky) or ``'iter'``."""
@@ -534,7 +533,7 @@ class KronAddedDiag(_KronBase):
                     kinds.append("iter")
             return kinds
 
-        return self._cached(f"plan{torch.is_grad_enabled() and self._diag.requires_grad}", make)
+        return self._cached("plan", make)
 
     def _block_data(self) -> list[dict]:
         """float64 data per block: eigen spectrum, ``d_b``, Cholesky factor or preconditioner."""
