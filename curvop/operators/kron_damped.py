@@ -203,9 +203,9 @@ def _pcg(matvec, precond, b: Tensor, rtol: float, max_iter: int, where: str) -> 
             r = b - matvec(x)
             if bool((r.norm(dim=0) <= target).all()):
                 return x
-            z = precond(r)
+            z = precond(r)  # restart from the true residual
             p, rz = z.clone(), (r * z).sum(0)
-            done = torch.zeros_like(done)
+            done = r.norm(dim=0) <= target
         Ap = matvec(p)
         pAp = (p * Ap).sum(0)
         if bool(((pAp <= 0) & ~done).any()):
