@@ -65,13 +65,16 @@ from torch import Tensor, nn
 
 from curvop._functional import Batch
 from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
-from curvop.errors import NotSupportedError
+from curvop.errors import InputTypeError, NotSupportedError
 from curvop.feature_extractor import FeatureExtractor
+from curvop.operators.kron import Kron
 
 try:  # optional dependency: the classes raise on first use when it is missing
     import backpack as _bp
     from backpack.context import CTX as _CTX
     from backpack.extensions import (
+        KFAC,
+        KFLR,
         BatchGrad,
         DiagGGNExact,
         DiagGGNMC,
@@ -176,11 +179,12 @@ class _Chain:
         live = {id(p) for p in params}
         owns = [any(p is not None and id(p) in live for p in m._parameters.values())
                 for _, m in layers]
-        if not any(owns):  # a selected parameter lives in a container we cannot see through
-            name, m = next((n, m) for n, m in root.named_modules()
-                           if any(id(p) in live for p in m._parameters.values()))
-            _unsupported(what, name, m, ext, "its forward is not a chain of layers BackPACK "
-                         "can backpropagate through (custom module)")
+        if not any(owns):  # the selected parameters live inside a layer we cannot see through
+            name, m = next((n, m) for n, m in layers
+                           if any(id(p) in live for p in m.parameters()))
+            _unsupported(what, name, m, ext, "it is a custom module whose forward BackPACK "
+                         "cannot follow (second-order extensions need nn.Sequential chains of "
+                         "layers)")
         start = owns.index(True)
         self.prefix = [m for _, m in layers[:start]]
         suffix = layers[start:]
@@ -328,13 +332,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _active(ext, what: str, dtype: torch.dtype, retain_graph: bool = False) -> Iterator[None]:
-    """``backpack(ext)``, with BackPACK's own errors translated to NotSupportedError."""
+def _active(ext, dtype: torch.dtype, retain_graph: bool = False) -> Iterator[None]:
+    """``backpack(ext)`` for a backward pass, in the model's default dtype."""
+    with warnings.catch_warnings(), _default_dtype(dtype):
+        warnings.filterwarnings("ignore", message=_HOOK_WARNING)
+        with _bp.backpack(ext, retain_graph=retain_graph):
+            yield
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """BackPACK's own errors (and hook conflicts) as NotSupportedError naming ``what``."""
     try:
-        with warnings.catch_warnings(), _default_dtype(dtype):
-            warnings.filterwarnings("ignore", message=_HOOK_WARNING)
-            with _bp.backpack(ext, retain_graph=retain_graph):
-                yield
+        yield
     except NotSupportedError:
         raise
     except NotImplementedError as err:
@@ -431,7 +441,7 @@ class BackPackInterface(CurvatureInterface):
                     ) -> list[Tensor]:
         """Backpropagate ``loss`` with ``ext`` (``BatchGrad``): per-parameter `(B, *shape)`."""
         live, names, B = batch.sel.params, batch.sel.names, batch.size
-        with _active(ext, what, batch.f.dtype, retain_graph=retain_graph):
+        with _active(ext, batch.f.dtype, retain_graph=retain_graph):
             grads = torch.autograd.grad(loss, live, retain_graph=retain_graph, allow_unused=True)
         out = []
         for p, g, name in zip(live, grads, names):
@@ -447,7 +457,7 @@ class BackPackInterface(CurvatureInterface):
         what, session = self._first_order(batch, "jacobians", BatchGrad())
         C = batch.f.shape[1]
         rows = []
-        with session:
+        with session, _translated(what):
             with torch.enable_grad():
                 out = batch.fm.module(batch.x)
             session.check_single_calls(what)
@@ -460,7 +470,7 @@ class BackPackInterface(CurvatureInterface):
     def _gradients(self, batch: Batch) -> Tensor:
         ext = BatchGrad()
         what, session = self._first_order(batch, "gradients", ext)
-        with session:
+        with session, _translated(what):
             with torch.enable_grad():
                 loss = self._lossfunc()(batch.fm.module(batch.x), batch.y)
             session.check_single_calls(what)
@@ -484,7 +494,8 @@ class BackPackInterface(CurvatureInterface):
         lossfunc = self._lossfunc()
         live, names = batch.sel.params, batch.sel.names
         atol = 1e-5 * (1 + float(batch.f.abs().max()))
-        with _Session([*chain.suffix, lossfunc]), _seeded(generator, batch.f.device):
+        with _Session([*chain.suffix, lossfunc]), _seeded(generator, batch.f.device), \
+                _translated(what):
             for rows in batch.sample_chunks(bytes_per_sample):
                 ext = make_ext()
                 with torch.enable_grad():
@@ -494,7 +505,7 @@ class BackPackInterface(CurvatureInterface):
                     raise NotSupportedError(
                         f"{what}: running the layers of the model in sequence does not reproduce"
                         f" its output (a custom forward?); use {_ALTERNATIVE}")
-                with _active(ext, what, batch.f.dtype):
+                with _active(ext, batch.f.dtype):
                     grads = torch.autograd.grad(loss, live, allow_unused=True)
                 consume(rows, [_take(p, ext.savefield, g, name, what)
                                for p, g, name in zip(live, grads, names)])
@@ -532,7 +543,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_kron"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, stochastic: bool = False,
@@ -579,6 +590,45 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         self._second_order(batch, "full", make, per_sample, add, self._generator())
         return H * self.factor
 
+    def _kron(self, batch: Batch, N: int, **kwargs) -> Kron:
+        if kwargs:
+            raise InputTypeError(
+                f"{type(self).__name__}.kron got unexpected keyword arguments {sorted(kwargs)}")
+        if batch.sel.index is not None:
+            raise NotSupportedError(
+                f"{type(self).__name__}.kron: Kronecker blocks exist for whole parameter tensors "
+                "only; `subnetwork_indices` must select whole tensors, in order (or use `full` / "
+                "`diag` on the subnetwork)")
+        if self.stochastic:
+            def make():
+                return KFAC(mc_samples=self.num_samples)
+        else:
+            make = KFLR
+        # per block: the output-side G summed over the batch, the input side Σ a aᵀ (BackPACK
+        # returns the batch mean, so chunks add up exactly when weighted by their size)
+        sums: list[list[Tensor] | None] = [None] * len(batch.sel.params)
+
+        def add(rows: slice, fields: list) -> None:
+            n = rows.stop - rows.start
+            for i, factors in enumerate(fields):
+                if factors is None:
+                    continue
+                factors = [factors[0], *(n * F for F in factors[1:])]
+                sums[i] = factors if sums[i] is None else [
+                    S + F for S, F in zip(sums[i], factors)]
+
+        per_sample = 2 * self._columns(batch) * max(batch.sel.numels) * batch.itemsize
+        self._second_order(batch, "kron", make, per_sample, add, self._generator())
+        kfacs = []
+        for S, p in zip(sums, batch.sel.params):
+            if S is None:  # the parameter does not influence the loss: a zero block
+                S = [p.new_zeros(p.shape[0], p.shape[0]),
+                     p.new_zeros(p[0].numel(), p[0].numel())] if p.dim() > 1 else \
+                    [p.new_zeros(p.numel(), p.numel())]
+            block = [self.factor * S[0], *(F / N for F in S[1:])]
+            kfacs.append([(F + F.mT).detach() / 2 for F in block])  # exactly symmetric
+        return Kron(kfacs)
+
     def _generator(self) -> torch.Generator | None:
         return self.generator if self.stochastic else None
 
@@ -611,13 +661,13 @@ class BackPackEF(BackPackInterface, EFInterface):
         what, session = self._first_order(batch, "diag", ext)
         live, names = batch.sel.params, batch.sel.names
         h = batch.f.new_zeros(batch.sel.num_live)
-        with session:
+        with session, _translated(what):
             for rows in batch.sample_chunks(2 * max(batch.sel.numels) * batch.itemsize):
                 ext = SumGradSquared()
                 with torch.enable_grad():
                     loss = self._lossfunc()(batch.fm.module(batch.x[rows]), batch.y[rows])
                 session.check_single_calls(what)
-                with _active(ext, what, batch.f.dtype):
+                with _active(ext, batch.f.dtype):
                     grads = torch.autograd.grad(loss, live, allow_unused=True)
                 fields = [_take(p, ext.savefield, g, name, what)
                           for p, g, name in zip(live, grads, names)]
