@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,7 +31,8 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from curvop.errors import InputError, InputTypeError, MemoryBudgetError, NotSupportedError
+from curvop._checks import check_fits
+from curvop.errors import InputError, InputTypeError, NotSupportedError
 
 __all__ = ["Kron"]
 
@@ -44,27 +44,6 @@ _BATCH_MSG = (
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
-
-
-def _check_dense_fits(numel: int, dtype: torch.dtype, device: torch.device, what: str) -> None:
-    """Raise :class:`MemoryBudgetError` before allocating ``numel`` entries that cannot fit.
-
-    Raises:
-        MemoryBudgetError: if ``numel`` entries of ``dtype`` exceed the free memory of ``device``.
-    """
-    need = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            return
-    if need > free:
-        raise MemoryBudgetError(
-            f"{what} needs {need / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "
-            "are free; keep the operator lazy (matmul, solve, logdet do not densify)."
-        )
 
 
 def _check_factor(F: object, name: str, ref: Tensor | None) -> Tensor:
@@ -178,7 +157,7 @@ class _BlockDiag(LinearOperator):
         return torch.cat([b._diagonal() for b in self.blocks])
 
     def to_dense(self) -> Tensor:
-        _check_dense_fits(self.shape.numel(), self.dtype, self.device, "to_dense()")
+        check_fits(tuple(self.shape), self.dtype, self.device, "to_dense()")
         return torch.block_diag(*(b.to_dense() for b in self.blocks))
 
     def _expand_batch(self, batch_shape: torch.Size | list[int]) -> LinearOperator:
@@ -286,13 +265,14 @@ class _KronBase(LinearOperator):
         if rhs.device != self.device:
             raise InputError(f"`{name}` must be on {self.device}; got {rhs.device}")
         if rhs.dtype != self.dtype:
-            raise InputError(f"`{name}` must have dtype {self.dtype}; got {rhs.dtype}")
+            raise InputTypeError(f"`{name}` must have dtype {self.dtype}; got {rhs.dtype}")
 
     def matmul(self, other: Tensor | LinearOperator) -> Tensor | LinearOperator:
         """``K @ other`` for ``other`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
 
         Raises:
-            InputError: if ``other`` has the wrong length, device or dtype.
+            InputError: if ``other`` has the wrong length or device.
+            InputTypeError: if ``other`` is not a tensor or has another dtype.
         """
         if isinstance(other, Tensor):
             self._check_rhs(other, "other")
@@ -335,7 +315,7 @@ class _KronBase(LinearOperator):
         Raises:
             MemoryBudgetError: if the `(P, P)` matrix does not fit in free memory.
         """
-        _check_dense_fits(self._P**2, self.dtype, self.device, "to_dense()")
+        check_fits((self._P, self._P), self.dtype, self.device, f"{type(self).__name__}.to_dense()")
         dense = torch.block_diag(
             *(blk[0] if len(blk) == 1 else torch.kron(blk[0], blk[1]) for blk in self._blocks)
         )
@@ -494,7 +474,8 @@ class _KronBase(LinearOperator):
             ``K⁻¹ R`` shaped like ``R``, or ``L K⁻¹ R``.
 
         Raises:
-            InputError: if ``R`` is malformed or the operator is singular (zero eigenvalue).
+            InputError: if ``R`` has the wrong length or device, or the operator is singular.
+            InputTypeError: if ``R`` is not a tensor of the operator's dtype.
         """
         self._check_rhs(right_tensor, "right_tensor")
         self._positive_spectrum("solve()")
@@ -558,6 +539,7 @@ class _KronBase(LinearOperator):
             shape `(..., k)` (or `(...)` reduced; a scalar for a `(P,)` right-hand side).
 
         Raises:
+            InputTypeError: if ``R`` is not a tensor of the operator's dtype.
             InputError: if neither term is requested, ``R`` is malformed, or a needed inverse
                 does not exist (singular operator).
         """

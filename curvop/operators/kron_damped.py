@@ -608,6 +608,7 @@ class KronAddedDiag(_KronBase):
         """``M⁻¹ R`` (or ``L M⁻¹ R``); exact or to ``rtol`` per block (see the class docstring).
 
         Raises:
+            InputTypeError: if ``R`` is not a tensor of the operator's dtype.
             InputError: if ``R`` is malformed, ``M`` is not positive definite, or CG fails to
                 reach ``rtol`` within ``max_iter``.
         """
