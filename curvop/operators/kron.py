@@ -724,7 +724,9 @@ class Kron(_KronBase):
         7.978
     """
 
-    def __init__(self, *args, layout: Sequence[int] | None = None):
+    def __init__(self, *args, kfacs: Sequence | None = None, layout: Sequence[int] | None = None):
+        if kfacs is not None:
+            args = (kfacs, *args)
         if layout is None:
             if len(args) != 1:
                 raise InputTypeError(

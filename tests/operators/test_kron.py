@@ -79,6 +79,7 @@ def rhs(P, *shape, dtype=F64, seed=1):
 # ---------------------------------------------------------------------------- structure, products
 def test_structure_and_roundtrip_of_kfacs(kfacs):
     K = Kron([tuple(b) for b in kfacs])  # tuples are accepted too
+    torch.testing.assert_close(Kron(kfacs=kfacs).to_dense(), K.to_dense(), rtol=0, atol=0)
     assert K.shape == (30, 30) and K.layout == (2, 1, 2, 2, 1) and K.num_blocks == 5
     assert K.block_sizes == (12, 3, 10, 3, 2) and K.dtype == F64 and K.device.type == "cpu"
     assert all(F is G for blk, ref in zip(K.kfacs, kfacs) for F, G in zip(blk, ref))
