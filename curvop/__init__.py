@@ -9,7 +9,9 @@ from curvop.curvature import (
     TorchHessian,
 )
 from curvop.feature_extractor import FeatureExtractor
+from curvop.interop import to_scipy
 from curvop.likelihoods import Likelihood
+from curvop.operators import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
 
 __all__ = [
     "CurvatureInterface",
@@ -20,6 +22,10 @@ __all__ = [
     "TorchHessian",
     "FeatureExtractor",
     "Likelihood",
+    "GGNLinearOperator",
+    "EFLinearOperator",
+    "HessianLinearOperator",
+    "to_scipy",
 ]
 
 __version__ = "0.1.0"

@@ -7,11 +7,12 @@ batch (model, inputs, outputs), the square-root columns — travels as keyword a
 ``.to(dtype)`` therefore yields an operator that evaluates the model in that dtype, without
 touching the user's model.
 
-The operator is a curvature *at* fixed parameters: it is not differentiable in them, and asking
-for that (``requires_grad_(True)``) raises. Batch dimensions do not exist for it; the batch and
-indexing hooks raise a clear :class:`~curvop.errors.NotSupportedError`, except element access,
-which is answered through products with unit vectors (what pivoted-Cholesky preconditioners
-need).
+The operator is a curvature *at* fixed parameters: products are differentiable in the right-hand
+side, but no gradient flows to the parameters (their ``.grad`` stays ``None``); the arguments are
+curvop's own detached copies, so ``requires_grad_`` never reaches the user's model. Batch
+dimensions do not exist for it; the batch and indexing hooks raise a clear
+:class:`~curvop.errors.NotSupportedError`, except element access, which is answered through
+products with unit vectors (what pivoted-Cholesky preconditioners need).
 """
 
 from __future__ import annotations
@@ -121,15 +122,8 @@ class CurvatureLinearOperator(LinearOperator):
             raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="batch indexing"))
         return super()._getitem(row_index, col_index)
 
-    def _set_requires_grad(self, val: bool) -> None:
-        if val:
-            raise NotSupportedError(
-                f"{type(self).__name__} is a curvature at fixed parameters and is not "
-                "differentiable in them"
-            )
-
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor):
-        return (None,) * len(self._args)
+        return (None,) * len(self.representation())
 
     def _expand_batch(self, batch_shape):
         if tuple(batch_shape) == ():

@@ -41,7 +41,7 @@ class SqrtFormProducts:
 
     def __init__(self, batch: Batch, S: Tensor) -> None:
         self.batch = batch
-        self.S = S
+        self.S = S.detach()
         self.theta = _leaves(batch)
         with torch.enable_grad():
             self.f = batch.fm(self.theta, batch.x)

@@ -10,6 +10,7 @@ with :math:`S_n S_n^\top = \Lambda_n` (exact) or ``K`` sampled output gradients 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from curvop._functional import Batch
@@ -40,12 +41,14 @@ class GGNLinearOperator(CurvatureLinearOperator):
     def _make_products(self) -> SqrtFormProducts:
         return SqrtFormProducts(self._batch, self._S)
 
+    @torch.no_grad()
     def _diagonal(self) -> Tensor:
         with model_guard(self._batch.fm.module):
-            return sqrt_form_diag(self._batch, self._S)
+            return sqrt_form_diag(self._batch, self._S.detach())
 
+    @torch.no_grad()
     def to_dense(self) -> Tensor:
         """The dense `(P, P)` matrix, assembled from per-sample products (no `P` products)."""
         if self._P < self._S.shape[-1]:
             return super().to_dense()
-        return sqrt_form_full(self._batch, self._S)
+        return sqrt_form_full(self._batch, self._S.detach())

@@ -1,0 +1,5 @@
+"""Bridges to other libraries."""
+
+from curvop.interop.scipy import to_scipy
+
+__all__ = ["to_scipy"]
