@@ -624,7 +624,8 @@ class _KronBase(LinearOperator):
             diag: a scalar (or shape `(1,)`) for ``K + dI``, or a vector `(P,)`.
             **options: solver settings forwarded to
                 :class:`~curvop.operators.kron_damped.KronAddedDiag` (``rtol``, ``max_iter``,
-                ``dense_max``, ``num_probes``, ``seed``) when the general path is taken.
+                ``dense_max``, ``num_probes``, ``seed``, ``precond_rank``) when the general path
+                is taken.
 
         Returns:
             A :class:`~curvop.operators.kron_damped.DampedKron` (exact eigenbasis algorithms)

@@ -423,6 +423,8 @@ class KronAddedDiag(_KronBase):
         dense_max: largest block side solved densely (default 2048; 0 forces the iterative path
             on every ``[A, B]`` block with non-constant ``d``).
         num_probes: SLQ probe vectors (default 64).
+        precond_rank: most Kronecker eigenpairs in the low-rank-plus-diagonal preconditioner
+            (default 512, also capped at ``2**24 / n_b``; 0 keeps only the eigenbasis one).
         seed: seed of the SLQ probes (default 0).
 
     Raises:
@@ -439,6 +441,7 @@ class KronAddedDiag(_KronBase):
         dense_max: int = 2048,
         num_probes: int = 64,
         seed: int = 0,
+        precond_rank: int = 512,
     ):
         if not isinstance(diag, Tensor) or diag.dim() != 1:
             raise InputError(
@@ -450,6 +453,7 @@ class KronAddedDiag(_KronBase):
             ("max_iter", max_iter, 1),
             ("dense_max", dense_max, 0),
             ("num_probes", num_probes, 2),
+            ("precond_rank", precond_rank, 0),
         ):
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
                 raise InputError(f"`{name}` must be an integer ≥ {low}; got {val!r}")
@@ -464,6 +468,7 @@ class KronAddedDiag(_KronBase):
             dense_max=dense_max,
             num_probes=num_probes,
             seed=seed,
+            precond_rank=precond_rank,
         )
         if diag.shape != (self._P,) or diag.dtype != self.dtype or diag.device != self.device:
             raise InputError(
@@ -480,6 +485,7 @@ class KronAddedDiag(_KronBase):
             dense_max=dense_max,
             num_probes=num_probes,
             seed=seed,
+            precond_rank=precond_rank,
         )
         self._memo: dict = {}
 
@@ -490,7 +496,7 @@ class KronAddedDiag(_KronBase):
 
     @property
     def options(self) -> dict:
-        """Solver settings (``rtol``, ``max_iter``, ``dense_max``, ``num_probes``, ``seed``)."""
+        """The solver settings, as given to the constructor (a copy)."""
         return dict(self._options)
 
     def _shift_full(self) -> Tensor:
@@ -559,7 +565,7 @@ class KronAddedDiag(_KronBase):
                     with torch.no_grad():  # preconditioners carry no gradient
                         Qs, lam, d = (tuple(Q.detach() for Q in Qs), lam.detach(), d.detach())
                         cands = [_EigPrecond(Qs, lam, d)]
-                        r_max = min(512, 2**24 // d.numel())
+                        r_max = min(self._options["precond_rank"], 2**24 // d.numel())
                         if bool(d.min() > 0) and r_max > 0:
                             blk = [F.detach().to(torch.float64) for F in self._blocks[b]]
                             cands.append(_LowRankDiagPrecond(blk, Qs, lam, d, r_max))

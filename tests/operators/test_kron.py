@@ -303,10 +303,11 @@ def test_linear_operator_routines(op_name, cholesky, precond, K, kfacs):
 
 
 # ---------------------------------------------------------------------------- KronAddedDiag
-def _big_problem(seed=0, spread=10.0, ranks=(5, 8), sizes=(20, 30)):
+def _big_problem(seed=0, spread=10.0, ranks=(5, 8), sizes=(20, 30), ridge=0.0):
     """One large ``[A, B]`` block (``ranks`` None: full rank) and a small ``[C]``, plus a ``d``."""
     g = torch.Generator().manual_seed(seed)
-    kf = [[psd(sizes[0], ranks[0], gen=g), psd(sizes[1], ranks[1], gen=g)], [psd(6, gen=g)]]
+    A, B = (psd(n, r, gen=g) + ridge * torch.eye(n, dtype=F64) for n, r in zip(sizes, ranks))
+    kf = [[A, B], [psd(6, gen=g)]]
     n = sizes[0] * sizes[1] + 6
     d = 0.1 * torch.exp(torch.rand(n, generator=g, dtype=F64) * math.log(spread))
     return Kron(kf), d, dense(kf) + torch.diag(d)
@@ -345,18 +346,19 @@ def test_added_diag_dense_path_is_exact_and_differentiable():
 
 
 @pytest.mark.parametrize(
-    "seed,spread,ranks,sizes,precond",
+    "seed,spread,ranks,sizes,ridge,precond",
     [
-        (0, 10.0, (5, 8), (20, 30), "_LowRankDiagPrecond"),  # rank 40: exact, se = 0
-        (1, 100.0, (20, 30), (20, 30), "_LowRankDiagPrecond"),
-        (2, 10.0, (None, None), (40, 40), "_EigPrecond"),  # flat spectrum, heterogeneous d
-        (3, 1.05, (None, None), (40, 40), "_EigPrecond"),  # nearly constant d
+        (0, 10.0, (5, 8), (20, 30), 0.0, "_LowRankDiagPrecond"),  # rank 40: exact, se = 0
+        (1, 100.0, (4, 6), (20, 30), 1e-2, "_LowRankDiagPrecond"),  # fast-decaying, full rank
+        (2, 10.0, (None, None), (30, 30), 0.0, "_EigPrecond"),  # flat spectrum
+        (3, 1.05, (None, None), (30, 30), 0.0, "_EigPrecond"),  # nearly constant d
     ],
 )
-def test_added_diag_logdet_estimate_meets_stated_accuracy(seed, spread, ranks, sizes, precond):
-    K, d, D = _big_problem(seed, spread, ranks, sizes)
+def test_added_diag_logdet_estimate_meets_stated_accuracy(seed, spread, ranks, sizes, ridge,
+                                                           precond):
+    K, d, D = _big_problem(seed, spread, ranks, sizes, ridge)
     n = sizes[0] * sizes[1]
-    op = K.add_diagonal(d, dense_max=0)
+    op = K.add_diagonal(d, dense_max=0, precond_rank=64)
     assert op._plan() == ["iter", "dense"]
     assert type(op._block_data()[0]["pre"]).__name__ == precond
     est, se = op.logdet_estimate()
@@ -368,15 +370,17 @@ def test_added_diag_logdet_estimate_meets_stated_accuracy(seed, spread, ranks, s
 
 
 def test_added_diag_logdet_estimate_is_seeded():
-    K, d, _ = _big_problem(ranks=(None, None), sizes=(30, 30))
-    est = K.add_diagonal(d, dense_max=0).logdet_estimate()[0]
-    assert K.add_diagonal(d, dense_max=0).logdet_estimate()[0] == est
-    assert K.add_diagonal(d, dense_max=0, seed=7).logdet_estimate()[0] != est
+    K, d, _ = _big_problem(ranks=(None, None), sizes=(10, 12))
+    opts = dict(dense_max=0, num_probes=8, precond_rank=0)  # eigenbasis preconditioner
+    est = K.add_diagonal(d, **opts).logdet_estimate()[0]
+    assert K.add_diagonal(d, **opts).logdet_estimate()[0] == est
+    assert K.add_diagonal(d, seed=7, **opts).logdet_estimate()[0] != est
 
 
 def test_added_diag_more_probes_shrink_the_error():
-    K, d, D = _big_problem(ranks=(None, None), sizes=(30, 30))
-    se = [K.add_diagonal(d, dense_max=0, num_probes=s).logdet_estimate()[1] for s in (16, 256)]
+    K, d, D = _big_problem(ranks=(None, None), sizes=(12, 15))
+    se = [K.add_diagonal(d, dense_max=0, num_probes=s, precond_rank=0).logdet_estimate()[1]
+          for s in (8, 128)]
     assert se[1] < 0.5 * se[0]
 
 
@@ -401,19 +405,20 @@ def test_added_diag_gradients():
 
 
 def test_added_diag_failures_are_loud():
-    K, d, _ = _big_problem(spread=1000.0, ranks=(None, None))
+    K, d, _ = _big_problem(spread=1000.0, ranks=(None, None), sizes=(10, 12))
     with pytest.raises(InputError, match="CG reached relative residual .* max_iter=2"):
-        K.add_diagonal(d, dense_max=0, max_iter=2).solve(rhs(606))
+        K.add_diagonal(d, dense_max=0, max_iter=2, precond_rank=0).solve(rhs(126))
     neg = d.clone()
     neg[5] = -1.0
     with pytest.raises(InputError, match="`diag` must be ≥ 0 on block 0"):
-        K.add_diagonal(neg, dense_max=0).solve(rhs(606))
+        K.add_diagonal(neg, dense_max=0).solve(rhs(126))
     with pytest.raises(InputError, match="block 1 of K \\+ diag\\(d\\) is not positive definite"):
-        K.add_diagonal(torch.cat([d[:600], -10 * torch.ones(6, dtype=F64)])).logdet()
+        K.add_diagonal(torch.cat([d[:120], -10 * torch.ones(6, dtype=F64)])).logdet()
     with pytest.raises(NotSupportedError, match="sqrt_inv_matmul\\(\\) has no exact form"):
-        K.add_diagonal(d, dense_max=0).sqrt_inv_matmul(rhs(606))
+        K.add_diagonal(d, dense_max=0).sqrt_inv_matmul(rhs(126))
     for bad, msg in [(dict(rtol=2.0), "`rtol` must be in"), (dict(max_iter=0), "`max_iter`"),
-                     (dict(num_probes=1), "`num_probes`"), (dict(dense_max=-1), "`dense_max`")]:
+                     (dict(num_probes=1), "`num_probes`"), (dict(dense_max=-1), "`dense_max`"),
+                     (dict(precond_rank=-1), "`precond_rank`")]:
         with pytest.raises(InputError, match=msg):
             K.add_diagonal(d, **bad)
 
@@ -476,7 +481,7 @@ def test_rebuilds_round_trip(op_name, K):
         torch.testing.assert_close(new.to_dense(), ref, rtol=0, atol=0)
     if op_name == "added":
         assert op.detach().options == {"rtol": 1e-8, "max_iter": 1000, "dense_max": 2048,
-                                       "num_probes": 64, "seed": 3}
+                                       "num_probes": 64, "seed": 3, "precond_rank": 512}
     assert op.to(torch.float32).logdet().dtype == torch.float32
 
 
