@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from curvop.likelihoods import Likelihood
 from curvop.params import ParameterSelection
@@ -139,31 +139,49 @@ class Batch:
 
     def jacobians(self, rows: slice) -> Tensor:
         """Per-sample Jacobians of the outputs, `(n, C, P)` for the samples in ``rows``."""
-        jac = vmap(jacrev(self.fm.single), in_dims=(None, 0), randomness="different")(
-            self.theta, self.x[rows]
-        )
-        return self.flat(jac, 2)
+        n, C = self.f[rows].shape
+        eye = torch.eye(C, dtype=self.f.dtype, device=self.f.device)
+        return self.sqrt_vjps(rows, eye.expand(n, C, C))
+
+    def gradients(self, rows: slice) -> Tensor:
+        """Per-sample gradients of the loss, `(n, P)`.
+
+        Computed as ``J_nᵀ r_n`` with ``r_n`` the output gradient of sample ``n``'s loss.
+        """
+        r = self.likelihood.output_gradient(self.f[rows], self.y[rows])
+        return self.sqrt_vjps(rows, r.unsqueeze(-1))[:, 0]
 
     def sqrt_vjps(self, rows: slice, S: Tensor) -> Tensor:
-        """Per-sample ``S_nᵀ J_n`` for square-root columns ``S`` `(n, C, K)`: `(n, K, P)`."""
+        """Per-sample ``S_nᵀ J_n`` for columns ``S`` `(n, C, K)`: `(n, K, P)`.
+
+        ``vmap`` over samples and columns; modules that ``vmap`` cannot batch (``nn.LSTM``)
+        fall back to a loop of plain backward passes.
+        """
 
         def one(xn: Tensor, sn: Tensor) -> Params:
             _, pullback = vjp(lambda th: self.fm.single(th, xn), self.theta)
             return vmap(pullback)(sn.T)[0]
 
-        out = vmap(one, randomness="different")(self.x[rows], S)
+        try:
+            out = vmap(one, randomness="different")(self.x[rows], S)
+        except RuntimeError:
+            return self._sqrt_vjps_loop(rows, S)
         return self.flat(out, 2)
 
-    def gradients(self, rows: slice) -> Tensor:
-        """Per-sample gradients of the loss, `(n, P)`."""
-
-        def loss_one(th: Params, xn: Tensor, yn: Tensor) -> Tensor:
-            return self.likelihood.sample_loss(self.fm.single(th, xn), yn)
-
-        g = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(
-            self.theta, self.x[rows], self.y[rows]
-        )
-        return self.flat(g, 1)
+    def _sqrt_vjps_loop(self, rows: slice, S: Tensor) -> Tensor:
+        theta = [t.detach().requires_grad_() for t in self.theta]
+        out = []
+        with torch.enable_grad():
+            for i, n in enumerate(range(*rows.indices(self.size))):
+                fn = self.fm(theta, self.x[n: n + 1])[0]
+                cols = []
+                for k in range(S.shape[-1]):
+                    g = torch.autograd.grad(fn, theta, S[i, :, k], retain_graph=True,
+                                            allow_unused=True)
+                    cols.append(self.flat([torch.zeros_like(t) if gi is None else gi
+                                           for gi, t in zip(g, theta)], 0))
+                out.append(torch.stack(cols))
+        return torch.stack(out)
 
     # --- products over the whole batch (vmap over columns) -----------------------------
 

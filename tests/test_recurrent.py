@@ -1,0 +1,49 @@
+"""Modules without forward-mode AD or vmap support (nn.LSTM, nn.GRU on CPU) work everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvop
+
+import reference as ref
+from cases import register
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(x.shape[0], 3, 4))
+        return self.head(out[:, -1])
+
+
+KINDS = {"ggn": curvop.TorchGGN, "ef": curvop.TorchEF, "hessian": curvop.TorchHessian}
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_recurrent_every_method(kind, cell, likelihood):
+    torch.manual_seed(0)
+    model = register(RecurrentNet(cell).double().eval())
+    x = torch.randn(4, 12, dtype=torch.float64)
+    y = (torch.randint(0, 2, (4,)) if likelihood == "classification"
+         else torch.randn(4, 2, dtype=torch.float64))
+    iface = KINDS[kind](model, likelihood)
+    H = ref.CURVATURES[kind](model, x, y, likelihood)
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(iface.full(x, y)[1], H, **tol)
+    torch.testing.assert_close(iface.diag(x, y)[1], H.diagonal(), **tol)
+    _, op = iface.full_operator(x, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, H @ V, **tol)
+    J, f = ref.jacobians(model, x)
+    torch.testing.assert_close(iface.jacobians(x)[0], J.transpose(1, 2), **tol)
+    torch.testing.assert_close(iface.gradients(x, y)[1], ref.gradients(model, x, y, likelihood),
+                               **tol)
