@@ -88,8 +88,10 @@ class Entry:
 ENTRIES: dict[str, Entry] = {}
 """Entry name -> :class:`Entry`, in registration order."""
 
-REFERENCE: dict[str, str] = {}
-"""Task -> the curvop entry every other entry of that task is compared with."""
+REFERENCE: dict[str, list[str]] = {}
+"""Task -> curvop entries, in order of preference; the first that ran on a problem is the
+reference every other entry of that task is compared with (the native ``Torch*`` backend
+first, then curvop's BackPACK and ASDL backends where the native one lacks the method)."""
 
 
 def _register(name: str, task: str, setup: Callable[[Problem], Thunk], note: str = "",
@@ -98,7 +100,7 @@ def _register(name: str, task: str, setup: Callable[[Problem], Thunk], note: str
         raise ValueError(f"`task` must be one of {sorted(TASKS)}; got {task!r}")
     ENTRIES[name] = Entry(name, name.split(".")[0], task, setup, note)
     if reference:
-        REFERENCE[task] = name
+        REFERENCE.setdefault(task, []).append(name)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -153,12 +155,16 @@ def _mc_kwargs(cls: type, stochastic: bool) -> dict[str, Any]:
 
 
 def _cls(module: str, name: str) -> type:
-    """``module.name``; for curvop also looked up in ``curvop.curvature`` (its registry)."""
-    candidates = [module] + (["curvop.curvature"] if module == "curvop" else [])
-    for candidate in candidates:
-        mod = importlib.import_module(candidate)
-        if hasattr(mod, name):
-            return getattr(mod, name)
+    """``module.name``; curvop classes are also looked up in curvop's backend registry."""
+    mod = importlib.import_module(module)
+    if hasattr(mod, name):
+        return getattr(mod, name)
+    if module == "curvop":
+        registry = importlib.import_module("curvop.curvature.registry")
+        for classes in getattr(registry, "BACKENDS", {}).values():
+            for cls in classes.values():
+                if cls.__name__ == name:
+                    return cls
     raise AttributeError(f"`{module}` has no `{name}` (not implemented yet?)")
 
 
@@ -290,14 +296,23 @@ def _backpack_hvp(problem: Problem) -> Thunk:
 
 
 # --------------------------------------------------------------------------- registry
+def _curvop_family(task: str, method: str, classes: tuple[str, ...], stochastic: bool = False,
+                   guard: Callable[[Problem], None] | None = None) -> None:
+    """Register ``curvop.<cls>.<method>`` for each backend class; all are reference candidates."""
+    for cls in classes:
+        tag = "[mc]" if stochastic else ""
+        _register(f"curvop.{cls}{tag}.{method}", task,
+                  _interface("curvop", cls, method, stochastic=stochastic, guard=guard),
+                  reference=True)
+
+
 def _build_registry() -> None:
-    r, cv, lp = _register, "curvop", "laplace.curvature"
+    r, lp = _register, "laplace.curvature"
+    ggn, ef = ("TorchGGN", "BackPackGGN", "AsdlGGN"), ("TorchEF", "BackPackEF", "AsdlEF")
     r("torch.fwd_bwd", "baseline", _baseline, "model.zero_grad; loss(model(x), y).backward()")
 
     # diagonals
-    r("curvop.TorchGGN.diag", "diag_ggn", _interface(cv, "TorchGGN", "diag"), reference=True)
-    for backend in ("BackPackGGN", "AsdlGGN"):
-        r(f"curvop.{backend}.diag", "diag_ggn", _interface(cv, backend, "diag"))
+    _curvop_family("diag_ggn", "diag", ggn)
     r("backpack.DiagGGNExact", "diag_ggn", _backpack_extension("DiagGGNExact"))
     r("laplace.CurvlinopsGGN.diag", "diag_ggn",
       _interface(lp, "CurvlinopsGGN", "diag", guard=_guard_jacobians),
@@ -305,14 +320,13 @@ def _build_registry() -> None:
     for backend in ("BackPackGGN", "AsdlGGN"):
         r(f"laplace.{backend}.diag", "diag_ggn", _interface(lp, backend, "diag"))
 
-    r("curvop.TorchGGN[mc].diag", "diag_fisher_mc",
-      _interface(cv, "TorchGGN", "diag", stochastic=True), reference=True)
+    _curvop_family("diag_fisher_mc", "diag", ggn, stochastic=True)
     r("backpack.DiagGGNMC", "diag_fisher_mc", _backpack_extension("DiagGGNMC"))
     for backend in ("BackPackGGN", "AsdlGGN"):
         r(f"laplace.{backend}[mc].diag", "diag_fisher_mc",
           _interface(lp, backend, "diag", stochastic=True))
 
-    r("curvop.TorchEF.diag", "diag_ef", _interface(cv, "TorchEF", "diag"), reference=True)
+    _curvop_family("diag_ef", "diag", ef)
     r("backpack.SumGradSquared", "diag_ef", _backpack_extension("SumGradSquared"))
     r("laplace.CurvlinopsEF.diag", "diag_ef", _interface(lp, "CurvlinopsEF", "diag"),
       "laplace EFInterface.diag via torch.func per-sample gradients")
@@ -320,18 +334,16 @@ def _build_registry() -> None:
         r(f"laplace.{backend}.diag", "diag_ef", _interface(lp, backend, "diag"))
 
     # Jacobians and dense matrices
-    r("curvop.TorchGGN.jacobians", "jacobians",
-      _interface(cv, "TorchGGN", "jacobians", guard=_guard_jacobians), reference=True)
+    _curvop_family("jacobians", "jacobians", ggn, guard=_guard_jacobians)
     for backend in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN"):
         r(f"laplace.{backend}.jacobians", "jacobians",
           _interface(lp, backend, "jacobians", guard=_guard_jacobians))
-    for task, kind, peers in (
-        ("full_ggn", "GGN", ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")),
-        ("full_ef", "EF", ("CurvlinopsEF", "BackPackEF", "AsdlEF")),
-        ("full_hessian", "Hessian", ("CurvlinopsHessian", "AsdlHessian")),
+    for task, classes, peers in (
+        ("full_ggn", ggn, ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")),
+        ("full_ef", ef, ("CurvlinopsEF", "BackPackEF", "AsdlEF")),
+        ("full_hessian", ("TorchHessian", "AsdlHessian"), ("CurvlinopsHessian", "AsdlHessian")),
     ):
-        r(f"curvop.Torch{kind}.full", task,
-          _interface(cv, f"Torch{kind}", "full", guard=_guard_dense), reference=True)
+        _curvop_family(task, "full", classes, guard=_guard_dense)
         for backend in peers:
             r(f"laplace.{backend}.full", task,
               _interface(lp, backend, "full", guard=_guard_dense))
@@ -361,14 +373,11 @@ def _build_registry() -> None:
       "forward + double backward")
 
     # Kronecker factors
-    r("curvop.TorchGGN.kron", "kfac_exact", _interface(cv, "TorchGGN", "kron"), reference=True)
-    for backend in ("BackPackGGN", "AsdlGGN"):
-        r(f"curvop.{backend}.kron", "kfac_exact", _interface(cv, backend, "kron"))
+    _curvop_family("kfac_exact", "kron", ggn)
     r("curvlinops.KFAC[type-2]", "kfac_exact", _curvlinops_kfac("type-2"),
       "construct + compute_kronecker_factors")
     r("backpack.KFLR", "kfac_exact", _backpack_extension("KFLR"))
-    r("curvop.TorchGGN[mc].kron", "kfac_mc",
-      _interface(cv, "TorchGGN", "kron", stochastic=True), reference=True)
+    _curvop_family("kfac_mc", "kron", ggn, stochastic=True)
     r("curvlinops.KFAC[mc]", "kfac_mc", _curvlinops_kfac("mc"),
       "construct + compute_kronecker_factors")
     r("backpack.KFAC", "kfac_mc", _backpack_extension("KFAC"))

@@ -147,24 +147,25 @@ def _summary(payloads: list[dict[str, Any]]) -> list[str]:
         "the fastest other entry that ran (time relative to curvop; below 1 = faster than "
         "curvop).",
         "",
-        "| problem | task | curvop ms | curvop × fwd+bwd | fastest other | its × curvop |",
+        "| problem | task | curvop ms (reference) | curvop × fwd+bwd | fastest other | "
+        "its × curvop |",
         "|---|---|---:|---:|---|---:|",
     ]
     for payload in payloads:
-        ref_names = payload.get("reference", {})
         by_task: dict[str, list[dict]] = {}
         for r in payload["results"]:
             by_task.setdefault(r["task"], []).append(r)
         for task, rows in by_task.items():
             if task == "baseline":
                 continue
-            ref = next((r for r in rows if r["entry"] == ref_names.get(task)), None)
+            ref_name = rows[0].get("reference") or payload.get("reference", {}).get(task, [""])[0]
+            ref = next((r for r in rows if r["entry"] == ref_name), None)
             ok = [r for r in rows if r is not ref and r.get("median_ms") is not None]
             best = min(ok, key=lambda r: r["median_ms"], default=None)
             if ref is None or (ref.get("median_ms") is None and best is None):
                 continue
-            curvop = (_num(ref.get("median_ms")) if ref.get("median_ms") is not None
-                      else ref.get("status", "–"))
+            curvop = (f"{_num(ref.get('median_ms'))} (`{ref['entry']}`)"
+                      if ref.get("median_ms") is not None else ref.get("status", "–"))
             name = "quick " if payload.get("quick") else ""
             lines.append(
                 f"| {name}{payload['problem']['name']} | {task} | {curvop} | "

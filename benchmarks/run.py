@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float,
                     help="seconds of timed calls per entry; slow entries repeat less "
                          "(3; quick 0.5)")
-    ap.add_argument("--timeout", type=float, help="seconds per entry before kill (90; quick 30)")
+    ap.add_argument("--timeout", type=float, help="seconds per entry before kill (60; quick 30)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads in every child (default: torch's default here)")
     ap.add_argument("--dense-gb", type=float, default=2.0,
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 3.0)
-    args.timeout = args.timeout or (30.0 if args.quick else 90.0)
+    args.timeout = args.timeout or (30.0 if args.quick else 60.0)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
@@ -109,8 +109,9 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     """Add ``ratio_fwd_bwd`` and ``ratio_curvop`` to each result in place.
 
     ``ratio_fwd_bwd`` is the median time over that of one forward + backward pass;
-    ``ratio_curvop`` is the median time over that of the task's curvop reference entry
-    (:data:`benchmarks.competitors.REFERENCE`); ``None`` where either time is missing.
+    ``ratio_curvop`` is the median time over that of the task's curvop reference entry (the
+    first of :data:`benchmarks.competitors.REFERENCE` that ran, stored as ``reference``);
+    ``None`` where either time is missing.
 
     Args:
         results: Result dicts of one problem and device.
@@ -118,8 +119,10 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     median = {r["entry"]: r.get("median_ms") for r in results}
     base = median.get(BASELINE)
     for r in results:
-        t, ref = r.get("median_ms"), median.get(REFERENCE.get(r.get("task"), ""))
-        r["reference"] = REFERENCE.get(r.get("task"))
+        candidates = REFERENCE.get(r.get("task"), [])
+        ref_name = next((c for c in candidates if median.get(c) is not None), None)
+        t, ref = r.get("median_ms"), median.get(ref_name) if ref_name else None
+        r["reference"] = ref_name
         r["ratio_fwd_bwd"] = t / base if t is not None and base else None
         r["ratio_curvop"] = t / ref if t is not None and ref else None
 
