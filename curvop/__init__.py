@@ -1,6 +1,13 @@
 """curvop: curvature of neural-network losses as lazy linear operators."""
 
 from curvop.curvature import (
+    AsdlEF,
+    AsdlGGN,
+    AsdlHessian,
+    AsdlInterface,
+    BackPackEF,
+    BackPackGGN,
+    BackPackInterface,
     CurvatureInterface,
     EFInterface,
     GGNInterface,
@@ -11,7 +18,14 @@ from curvop.curvature import (
 from curvop.feature_extractor import FeatureExtractor
 from curvop.interop import to_scipy
 from curvop.likelihoods import Likelihood
-from curvop.operators import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
+from curvop.operators import (
+    DampedKron,
+    EFLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    Kron,
+    KronAddedDiag,
+)
 
 __all__ = [
     "CurvatureInterface",
@@ -20,12 +34,22 @@ __all__ = [
     "TorchGGN",
     "TorchEF",
     "TorchHessian",
+    "BackPackInterface",
+    "BackPackGGN",
+    "BackPackEF",
+    "AsdlInterface",
+    "AsdlGGN",
+    "AsdlEF",
+    "AsdlHessian",
     "FeatureExtractor",
     "Likelihood",
     "GGNLinearOperator",
     "EFLinearOperator",
     "HessianLinearOperator",
     "to_scipy",
+    "Kron",
+    "DampedKron",
+    "KronAddedDiag",
 ]
 
 __version__ = "0.1.0"

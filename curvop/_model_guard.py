@@ -28,7 +28,7 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
-        self.attrs = [set(vars(m)) for m in self.modules]
+        self.attrs = [dict(vars(m)) for m in self.modules]
         self.hooks = [{k: set(d) for k, d in _hook_dicts(m).items()} for m in self.modules]
         self.training = [m.training for m in self.modules]
         self.params = list({id(p): p for p in model.parameters(recurse=True)}.values())
@@ -48,6 +48,9 @@ class ModelSnapshot:
                     del d[hk]
             for k in [k for k in vars(m) if k not in attrs]:
                 delattr(m, k)
+            for k, v in attrs.items():  # values rebound in place (e.g. hook flags)
+                if vars(m).get(k) is not v:
+                    vars(m)[k] = v
             m.training = training
         for p, attrs, g, gv, rg in zip(self.params, self.param_attrs, self.grads,
                                        self.grad_values, self.requires_grad):

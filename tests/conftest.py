@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# one thread per xdist worker: two workers on two cores must not oversubscribe
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from cases import LIVE_MODELS, assert_untouched
 

@@ -57,7 +57,12 @@ from torch import Tensor, nn
 from curvop import _checks
 from curvop._functional import Batch
 from curvop._model_guard import ModelSnapshot
-from curvop.curvature.interface import CurvatureInterface, EFInterface, GGNInterface
+from curvop.curvature.interface import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    HessianOperatorMixin,
+)
 from curvop.errors import InputTypeError, NotSupportedError
 from curvop.likelihoods import Likelihood
 
@@ -322,7 +327,7 @@ class AsdlInterface(CurvatureInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag", "_kron"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_kron", "_full_operator"})
     alternative = "TorchGGN / TorchEF / TorchHessian"
 
     def __init__(self, *args, **kwargs) -> None:
@@ -531,7 +536,7 @@ class AsdlEF(AsdlInterface, EFInterface):
         return FISHER_EMP
 
 
-class AsdlHessian(AsdlInterface):
+class AsdlHessian(HessianOperatorMixin, AsdlInterface):
     """The Hessian of the loss with ASDL's ``HessianMaker``.
 
     Args:
@@ -546,7 +551,7 @@ class AsdlHessian(AsdlInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
     alternative = "TorchHessian"
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,

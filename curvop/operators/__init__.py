@@ -3,5 +3,14 @@
 from curvop.operators.ef import EFLinearOperator
 from curvop.operators.ggn import GGNLinearOperator
 from curvop.operators.hessian import HessianLinearOperator
+from curvop.operators.kron import Kron
+from curvop.operators.kron_damped import DampedKron, KronAddedDiag
 
-__all__ = ["GGNLinearOperator", "EFLinearOperator", "HessianLinearOperator"]
+__all__ = [
+    "GGNLinearOperator",
+    "EFLinearOperator",
+    "HessianLinearOperator",
+    "Kron",
+    "DampedKron",
+    "KronAddedDiag",
+]
