@@ -23,11 +23,19 @@ types, not subclasses) and is called once per forward. Second-order extensions
 model must be a chain: ``nn.Sequential`` containers (nested ones too) of layers BackPACK
 knows for that extension. Layers *before* the first one with a selected parameter run
 without a graph, so they may be anything (an ``nn.Unflatten``, a frozen LayerNorm encoder,
-...). Anything else (LayerNorm or attention with selected parameters, custom modules whose
-``forward`` BackPACK cannot follow, a parameter shared between modules) raises
-:class:`~curvop.errors.NotSupportedError` naming the module, before any work: use
-:class:`~curvop.curvature.TorchGGN` / :class:`~curvop.curvature.TorchEF`, which work for any
-module ``torch.func`` can trace.
+...). ``kron`` needs whole parameter tensors (``subnetwork_indices`` selecting whole tensors in
+order); the EF has no ``kron`` (BackPACK has no Kronecker factors of the empirical Fisher).
+
+Anything else raises :class:`~curvop.errors.NotSupportedError` naming the module and pointing
+at :class:`~curvop.curvature.TorchGGN` / :class:`~curvop.curvature.TorchEF`, which work for any
+module ``torch.func`` can trace. LayerNorm, attention or custom modules owning selected
+parameters, custom containers in a second-order chain, in-place layers in it, and parameters
+shared between modules are found by inspection, before any BackPACK work. What inspection
+cannot see is caught at run time rather than returned silently wrong: a layer called twice in
+one forward (forward hooks count the calls), a parameter also used outside its layer (the
+per-sample gradients must add up to autograd's gradient), an in-place operation on a hooked
+output, a chain whose sequential run does not reproduce the model's output, and BackPACK's
+own ``NotImplementedError`` s.
 
 **Scaling.** BackPACK sees ``lossfunc`` (``MSELoss``/``CrossEntropyLoss`` with
 ``reduction='sum'``); curvop's loss is ``factor * lossfunc``. Gradients are multiplied by
@@ -43,13 +51,16 @@ draws are not the ones :class:`~curvop.curvature.TorchGGN` makes with the same g
 are unbiased). Without a generator the global RNG is used, and advanced.
 
 **Cleanliness.** Every call extends exactly the modules it needs (``backpack.extend`` on the
-layers and on a fresh loss module) and, on exit, failed or not, removes the hooks it
+layers and on a fresh loss module, never ``self.lossfunc``) and, on exit, failed or not,
+removes the hooks it
 registered (also from BackPACK's global handle list), the ``_backpack_extend`` flag (BackPACK's
 own hook removal leaves it set, after which ``extend`` silently registers nothing), the stored
 inputs/outputs and every result field on modules and parameters. Gradients are taken with
 ``torch.autograd.grad``, so ``.grad`` is never written. Modules the user extended with
 BackPACK themselves keep their hooks, and are used as they are. An object can be called any
-number of times, in any order.
+number of times, in any order. During a backward pass torch's default dtype is the model's
+(restored after): BackPACK builds some helper layers in the default dtype, which breaks float64
+models otherwise (``AvgPool`` derivatives).
 """
 
 from __future__ import annotations
@@ -321,10 +332,10 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     of its ``AvgPool`` derivatives), which fails for float64 models otherwise.
     """
     old = torch.get_default_dtype()
-    if dtype == old or not dtype.is_floating_point:
-        yield
-        return
-    torch.set_default_dtype(dtype)
+    try:
+        torch.set_default_dtype(dtype)
+    except (TypeError, ValueError):  # a dtype torch refuses as default: leave it
+        pass
     try:
         yield
     finally:
@@ -351,7 +362,7 @@ def _translated(what: str) -> Iterator[None]:
         raise NotSupportedError(f"{what}: BackPACK cannot compute this: {err}; "
                                 f"use {_ALTERNATIVE}") from err
     except RuntimeError as err:
-        if "BackwardHookFunction" not in str(err) and "inplace" not in str(err):
+        if "BackwardHookFunction" not in str(err):
             raise
         raise NotSupportedError(f"{what}: an in-place operation conflicts with BackPACK's "
                                 f"hooks ({err}); use {_ALTERNATIVE}") from err
@@ -452,7 +463,7 @@ class BackPackInterface(CurvatureInterface):
             gb = _take(p, ext.savefield, g, name, what)
             if gb is None:
                 gb = p.new_zeros(B, *p.shape)
-            else:
+            elif g is not None:
                 _check_sum(gb.reshape(B, -1), g.flatten(), name, what)
             out.append(gb.detach())
         return out
@@ -460,23 +471,23 @@ class BackPackInterface(CurvatureInterface):
     def _jacobians(self, batch: Batch) -> Tensor:
         what, session = self._first_order(batch, "jacobians", BatchGrad())
         B, C = batch.f.shape
-        J = batch.f.new_empty(C, B, batch.sel.num_live)
+        J = batch.f.new_empty(C, B, batch.sel.num_params)
         with session, _translated(what):
             with torch.enable_grad():
-                out = batch.fm.module(batch.x)
+                out = batch.fm.module(batch.x.detach())
             session.check_single_calls(what)
             for c in range(C):  # one forward, one backward per output
                 Jc = self._per_sample(batch, out[:, c].sum(), BatchGrad(), what,
                                       retain_graph=c < C - 1)
-                torch.cat([g.reshape(B, -1) for g in Jc], dim=1, out=J[c])
-        return batch.sel.select(J.transpose(0, 1))
+                J[c] = batch.flat(Jc, 1)
+        return J.transpose(0, 1)
 
     def _gradients(self, batch: Batch) -> Tensor:
         ext = BatchGrad()
         what, session = self._first_order(batch, "gradients", ext)
         with session, _translated(what):
             with torch.enable_grad():
-                loss = self._lossfunc()(batch.fm.module(batch.x), batch.y)
+                loss = self._lossfunc()(batch.fm.module(batch.x.detach()), batch.y)
             session.check_single_calls(what)
             G = self._per_sample(batch, loss, ext, what)
         return batch.flat(G, 1) * self.factor
@@ -503,12 +514,13 @@ class BackPackInterface(CurvatureInterface):
             for rows in batch.sample_chunks(bytes_per_sample):
                 ext = make_ext()
                 with torch.enable_grad():
-                    out = chain(batch.x[rows])
+                    out = chain(batch.x[rows].detach())
                     loss = lossfunc(out, batch.y[rows])
                 if not torch.allclose(out.detach(), batch.f[rows], rtol=1e-4, atol=atol):
                     raise NotSupportedError(
                         f"{what}: running the layers of the model in sequence does not reproduce"
-                        f" its output (a custom forward?); use {_ALTERNATIVE}")
+                        " its output (a Sequential with a custom forward, or randomness such as "
+                        f"Dropout in training mode: call model.eval()); use {_ALTERNATIVE}")
                 with _active(ext, batch.f.dtype):
                     grads = torch.autograd.grad(loss, live, allow_unused=True)
                 consume(rows, [_take(p, ext.savefield, g, name, what)
@@ -669,7 +681,8 @@ class BackPackEF(BackPackInterface, EFInterface):
             for rows in batch.sample_chunks(2 * max(batch.sel.numels) * batch.itemsize):
                 ext = SumGradSquared()
                 with torch.enable_grad():
-                    loss = self._lossfunc()(batch.fm.module(batch.x[rows]), batch.y[rows])
+                    loss = self._lossfunc()(batch.fm.module(batch.x[rows].detach()),
+                                            batch.y[rows])
                 session.check_single_calls(what)
                 with _active(ext, batch.f.dtype):
                     grads = torch.autograd.grad(loss, live, allow_unused=True)

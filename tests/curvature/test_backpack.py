@@ -6,6 +6,8 @@ the registry; this file tests what only this backend has.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,7 @@ def test_stale_flag_and_user_extension_are_respected():
     a model the user extended keeps its hooks and is not counted twice."""
     model, x, y = Case("tanh_mlp", "regression").build()
     want = TorchGGN(model, "regression").diag(x, y)[1]
+    want_ef = TorchEF(model, "regression").diag(x, y)[1]
     for m in model.modules():
         m._backpack_extend = True  # what laplace-torch / CTX.remove_hooks() leave behind
     register(model)
@@ -125,8 +128,7 @@ def test_stale_flag_and_user_extension_are_respected():
     register(model)
     try:
         torch.testing.assert_close(BackPackGGN(model, "regression").diag(x, y)[1], want)
-        torch.testing.assert_close(BackPackEF(model, "regression").diag(x, y)[1],
-                                   TorchEF(model, "regression").diag(x, y)[1])
+        torch.testing.assert_close(BackPackEF(model, "regression").diag(x, y)[1], want_ef)
         assert CTX.hook_handles[n_before:] == user_handles
     finally:
         for h in user_handles:
@@ -155,6 +157,30 @@ def test_kron_scaling_and_accumulation(likelihood):
     H1 = ref.ggn(model, x[:1], y[:1], likelihood)
     torch.testing.assert_close(iface.kron(x[:1], y[:1], N=1)[1].to_dense(),
                                torch.block_diag(*_blocks(H1, model)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # laplace-torch's own hook warnings
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_and_diag_blocks_equal_laplace_torch(likelihood):
+    """laplace-torch 0.3's BackPACK backend is the convention (run on a copy: it extends the
+    model it is given for good)."""
+    lap = pytest.importorskip("laplace.curvature")
+    model, x, y = Case("tanh_mlp", likelihood).build()
+    n_handles = len(CTX.hook_handles)
+    try:
+        theirs = lap.BackPackGGN(copy.deepcopy(model), likelihood)
+        loss_l, K_l = theirs.kron(x, y, N=20)
+        h_l = theirs.diag(x, y)[1]
+    finally:  # laplace-torch leaves its hooks in BackPACK's global list
+        for h in CTX.hook_handles[n_handles:]:
+            h.remove()
+        CTX.hook_handles = CTX.hook_handles[:n_handles]
+    loss, K = BackPackGGN(model, likelihood).kron(x, y, N=20)
+    torch.testing.assert_close(loss, loss_l)
+    dense_l = torch.block_diag(*[torch.kron(*F) if len(F) == 2 else F[0] for F in K_l.kfacs])
+    torch.testing.assert_close(K.to_dense(), dense_l, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(BackPackGGN(model, likelihood).diag(x, y)[1], h_l,
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_kron_selections_and_limits():
