@@ -15,6 +15,11 @@ EF ``diag``            ``SumGradSquared``
 EF ``full``            ``BatchGrad`` per-sample gradients, in chunks of samples
 =====================  ===========================================================
 
+``full_operator`` is curvop's shared matrix-free operator (autograd products through the
+model; BackPACK has no whole-network curvature-vector products), the same for every backend.
+With ``stochastic=True`` its labels are drawn by curvop's sampler from ``generator``, not by
+BackPACK, so it matches ``full`` in distribution rather than draw for draw.
+
 **What BackPACK can handle.** First-order extensions (``BatchGrad``, ``SumGradSquared``) work
 in any computation graph, as long as every module that owns a selected parameter is a layer
 BackPACK knows (``Linear``, ``Conv*``, ``BatchNorm*`` in eval mode, ``Embedding``, ...; exact
@@ -559,7 +564,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag", "_kron"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_kron", "_full_operator"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, stochastic: bool = False,
@@ -663,7 +668,7 @@ class BackPackEF(BackPackInterface, EFInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
     alternative: ClassVar[str] = (
         "BackPackGGN (BackPACK has Kronecker factors of the GGN / MC Fisher only, none of the "
         f"empirical Fisher) or {_ALTERNATIVE}")

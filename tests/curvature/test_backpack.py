@@ -109,6 +109,13 @@ def _blocks(H: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("cls", [BackPackGGN, BackPackEF])
+def test_full_operator_is_the_shared_matrix_free_operator(cls):
+    model, x, y = Case("cnn", "regression").build()
+    iface = cls(model, "regression", subnetwork_indices=torch.arange(0, 55, 3))
+    torch.testing.assert_close(iface.full_operator(x, y)[1].to_dense(), iface.full(x, y)[1])
+
+
 def test_stale_flag_and_user_extension_are_respected():
     """A stale ``_backpack_extend`` (BackPACK's hook removal leaves it) must not silence us;
     a model the user extended keeps its hooks and is not counted twice."""
