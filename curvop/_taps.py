@@ -9,6 +9,10 @@ The taps are trusted only after a check: for one backpropagated column the gradi
 from the taps must equal autograd's gradient in the parameters. A parameter used outside its
 layer's forward, a layer called twice, or anything else that breaks the ``(a, g)`` picture fails
 the check and the caller falls back to the generic per-sample path.
+
+With ``partial=True`` (Kronecker factors) the taps are per layer instead: the layers that pass
+are returned with an :class:`Unhandled` entry, and its reason, for every module owning live
+parameters that no tap covers.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from curvop._functional import Batch
-from curvop.layers import LayerHandler, handler_for, summed_grads
+from curvop.layers import HANDLERS, LayerHandler, handler_for, summed_grads
 
-__all__ = ["Tap", "tap_layers"]
+__all__ = ["Tap", "Unhandled", "tap_layers", "plan_layers"]
 
 
 @dataclass
@@ -32,34 +36,76 @@ class Tap:
     handler: LayerHandler
     param_slots: list[int]  # positions in the live parameter list: weight, then bias
     has_bias: bool
+    name: str = ""  # module path in the differentiated module ("" for the module itself)
+    has_weight: bool = True  # False only in partial plans: a live bias with a frozen weight
     a: Tensor | None = None
     out: Tensor | None = None
     g: Tensor | None = field(default=None, repr=False)  # (K, n, G, T, O)
 
 
-def _plan(batch: Batch) -> list[Tap] | None:
-    """One tap per handled layer owning live parameters, or None if a live one is unhandled."""
+@dataclass
+class Unhandled:
+    """A module owning live parameters that no tap covers, and why."""
+
+    name: str  # module path in the differentiated module ("" for the module itself)
+    module: nn.Module
+    param_slots: list[int]  # positions in the live parameter list
+    reason: str
+
+
+def _why_no_handler(module: nn.Module) -> str:
+    for cls in type(module).__mro__:
+        if cls in HANDLERS:
+            return (f"padding_mode={module.padding_mode!r}, padding={module.padding!r} "
+                    "(only zero padding given as integers has a closed form)")
+    return "no closed (a, g) form for this layer type"
+
+
+def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
+    """Taps of the handled layers owning live parameters, and the modules left unhandled.
+
+    A layer is handled when its type has a :func:`~curvop.layers.handler_for` and its live
+    parameters are among ``weight`` and ``bias`` (a live bias with a frozen weight gives a tap
+    with ``has_weight=False``). Static only: the forward may still reject a tap (see
+    :func:`tap_layers`).
+    """
     slot = {n: i for i, n in enumerate(batch.sel.names)}
-    taps, covered = [], set()
+    taps, unhandled, covered = [], [], set()
     for prefix, module in batch.fm.module.named_modules():
         own = [n for n, _ in module.named_parameters(recurse=False)]
-        live = [f"{prefix}.{n}" if prefix else n for n in own]
-        live = [n for n in live if n in slot]
+        live = [n for n in (f"{prefix}.{o}" if prefix else o for o in own) if n in slot]
         if not live:
             continue
+        covered.update(live)
         handler = handler_for(module)
         weight = f"{prefix}.weight" if prefix else "weight"
         bias = f"{prefix}.bias" if prefix else "bias"
-        if handler is None or weight not in slot:
-            return None
-        has_bias = bias in slot
-        taps.append(Tap(module, handler, [slot[weight]] + ([slot[bias]] if has_bias else []),
-                        has_bias))
-        covered.update(live)
-    return taps if covered == set(slot) else None
+        if handler is None or set(live) - {weight, bias}:
+            reason = _why_no_handler(module) if handler is None else \
+                f"parameters other than weight and bias: {sorted(set(live) - {weight, bias})}"
+            unhandled.append(Unhandled(prefix, module, [slot[n] for n in live], reason))
+            continue
+        has_weight, has_bias = weight in slot, bias in slot
+        slots = ([slot[weight]] if has_weight else []) + ([slot[bias]] if has_bias else [])
+        taps.append(Tap(module, handler, slots, has_bias, prefix, has_weight))
+    stray = [n for n in slot if n not in covered]  # cannot happen with named_modules, but be safe
+    if stray:
+        unhandled.append(Unhandled("", batch.fm.module, [slot[n] for n in stray],
+                                   "parameters not owned by any submodule"))
+    return taps, unhandled
 
 
-def tap_layers(batch: Batch, S: Tensor, verified: set | None = None) -> list[Tap] | None:
+def _plan(batch: Batch) -> list[Tap] | None:
+    """One tap per handled layer owning live parameters, or None if a live one is unhandled."""
+    taps, unhandled = plan_layers(batch)
+    if unhandled or not all(t.has_weight for t in taps):
+        return None
+    return taps
+
+
+def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
+               partial: bool = False
+               ) -> list[Tap] | None | tuple[list[Tap], list[Unhandled]]:
     """Backpropagate the columns of ``S`` `(B, C, K)` and record ``(a, g)`` per handled layer.
 
     Args:
@@ -67,14 +113,36 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None) -> list[Tap
         S: Columns to backpropagate.
         verified: Optional cache of structures (module, selection, input shape) whose taps
             already passed the check; skips the check's extra backward for them.
+        partial: Return the taps that pass and the unhandled rest instead of all-or-nothing.
 
     Returns:
         The taps, or ``None`` when the model is not a composition of handled layers in which
-        each live parameter enters only through its layer (checked numerically).
+        each live parameter enters only through its layer (checked numerically). With
+        ``partial=True``: ``(taps, unhandled)``; a layer called other than once, whose output
+        does not reach the model output or whose taps fail the check is moved to
+        ``unhandled``, with the reason.
     """
+    if partial:
+        taps, unhandled = plan_layers(batch)
+        if not taps:
+            return taps, unhandled
+        passed = _tap(batch, S, taps, verified, strict=False)
+        return [t for t in taps if id(t) not in passed], unhandled + [
+            Unhandled(t.name, t.module, t.param_slots, passed[id(t)])
+            for t in taps if id(t) in passed]
     taps = _plan(batch)
     if taps is None:
         return None
+    return taps if not _tap(batch, S, taps, verified, strict=True) else None
+
+
+def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict: bool
+         ) -> dict[int, str]:
+    """Fill ``a`` and ``g`` of ``taps``; the rejected ones (by ``id``) with the reason.
+
+    ``strict`` stops at the first rejection (the caller then discards every tap).
+    """
+    rejected: dict[int, str] = {}
     by_module = {id(t.module): t for t in taps}
     theta = [p.detach().requires_grad_() for p in batch.theta]
     calls: dict[int, int] = {}
@@ -93,9 +161,17 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None) -> list[Tap
     finally:
         for h in handles:
             h.remove()
-    if any(calls.get(id(t.module), 0) != 1 for t in taps):
-        return None
-    outs = [t.out for t in taps]
+    for t in taps:
+        n_calls = calls.get(id(t.module), 0)
+        if n_calls != 1:
+            rejected[id(t)] = (f"called {n_calls} times in one forward (a shared or bypassed "
+                               "layer has no single (a, g) pair)")
+    if rejected and strict:
+        return rejected
+    taps_ok = [t for t in taps if id(t) not in rejected]
+    if not taps_ok:
+        return rejected
+    outs = [t.out for t in taps_ok]
     K = S.shape[-1]
     cols = S.permute(2, 0, 1)  # (K, B, C)
     key = (id(batch.fm.module), tuple(batch.sel.names), tuple(batch.x.shape[1:]),
@@ -115,24 +191,29 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None) -> list[Tap
                        for c in cols]
             gs = [None if any(pc[i] is None for pc in per_col)
                   else torch.stack([pc[i] for pc in per_col]) for i in range(len(outs))]
-    for i, t in enumerate(taps):
-        if gs[i] is None:
-            return None
-        if check:
-            if checked[i] is None:
-                return None
-            g_probe = t.handler.outputs(t.module, checked[i].detach())
-            if not _verify(t, g_probe, checked[len(taps):]):
-                return None
-        t.g = t.handler.outputs(t.module, gs[i].detach().flatten(0, 1)).unflatten(0, (K, -1))
-    if verified is not None:
+    for i, t in enumerate(taps_ok):
+        if gs[i] is None or (check and checked[i] is None):
+            rejected[id(t)] = "its output does not reach the model output"
+        elif check and not _verify(t, t.handler.outputs(t.module, checked[i].detach()),
+                                   checked[len(taps_ok):]):
+            rejected[id(t)] = ("its parameters also enter the network outside its own forward "
+                               "(tied or reused weights)")
+        else:
+            t.g = t.handler.outputs(t.module, gs[i].detach().flatten(0, 1)).unflatten(
+                0, (K, -1))
+            continue
+        if strict:
+            return rejected
+    if verified is not None and not rejected:
         verified.add(key)
-    return taps
+    return rejected
 
 
 def _verify(t: Tap, g_probe: Tensor, param_grads: tuple) -> bool:
     """Does the gradient assembled from ``(a, g)`` equal autograd's, for the probe?"""
     summed = summed_grads(t.a, g_probe, t.has_bias)
+    if not t.has_weight:
+        summed = summed[1:]
     for s, slot in zip(summed, t.param_slots):
         ref = param_grads[slot]
         if ref is None:
