@@ -116,6 +116,21 @@ def test_full_operator_is_the_shared_matrix_free_operator(cls):
     torch.testing.assert_close(iface.full_operator(x, y)[1].to_dense(), iface.full(x, y)[1])
 
 
+def test_chunks_of_samples_add_up():
+    """A tiny memory budget runs BackPACK one sample at a time: the same numbers."""
+    model, x, y = Case("cnn", "classification").build()
+    for cls in (BackPackGGN, BackPackEF):
+        big, small = cls(model, "classification"), cls(model, "classification", memory_budget=1)
+        for method in ("full", "diag"):
+            torch.testing.assert_close(getattr(small, method)(x, y)[1],
+                                       getattr(big, method)(x, y)[1], rtol=1e-10, atol=1e-12)
+    big, small = BackPackGGN(model, "classification"), BackPackGGN(model, "classification",
+                                                                   memory_budget=1)
+    for F_small, F_big in zip(sum(small.kron(x, y, N=6)[1].kfacs, []),
+                              sum(big.kron(x, y, N=6)[1].kfacs, [])):
+        torch.testing.assert_close(F_small, F_big, rtol=1e-10, atol=1e-12)
+
+
 def test_stale_flag_and_user_extension_are_respected():
     """A stale ``_backpack_extend`` (BackPACK's hook removal leaves it) must not silence us;
     a model the user extended keeps its hooks and is not counted twice."""
