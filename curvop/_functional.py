@@ -41,18 +41,32 @@ class FunctionalModel:
         # clones: a train-mode BatchNorm updates the buffers it is given, not the user's
         fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
         self.fixed = fixed
+        # torch's functional_call does not restore a module registered under two names
+        # (nn.Sequential(shared, act, shared)): such modules are restored here
+        seen: dict[int, int] = {}
+        for _, m in module.named_modules(remove_duplicate=False):
+            seen[id(m)] = seen.get(id(m), 0) + 1
+        self._shared = [m for m in module.modules() if seen[id(m)] > 1]
 
     def __call__(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
         """Output `(B, C)` of the module at parameters ``theta`` on inputs ``x``."""
         params = dict(self.fixed)
         params.update(zip(self.selection.names, theta))
-        return functional_call(self.module, params, (x,))
+        if not self._shared:
+            return functional_call(self.module, params, (x,))
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._shared]
+        try:
+            return functional_call(self.module, params, (x,))
+        finally:
+            for m, ps, bs in saved:
+                m._parameters.update(ps)
+                m._buffers.update(bs)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None
            ) -> FunctionalModel:
         """A copy whose fixed tensors are cast (floating ones only); the module is shared."""
         new = object.__new__(FunctionalModel)
-        new.module, new.selection = self.module, self.selection
+        new.module, new.selection, new._shared = self.module, self.selection, self._shared
         new.fixed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                      for k, v in self.fixed.items()}
         return new

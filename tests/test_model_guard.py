@@ -62,3 +62,18 @@ def test_feature_extractor_errors():
         curvop.FeatureExtractor(model, last_layer_name="fc")
     with pytest.raises(ValueError, match="is not the model's output"):
         curvop.TorchGGN(model, "regression", last_layer=True).jacobians(torch.randn(4, 3))
+
+
+def test_shared_module_keeps_its_parameters():
+    shared = torch.nn.Linear(4, 4).double()
+    model = register(torch.nn.Sequential(shared, torch.nn.Tanh(), shared))
+    w = shared.weight
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    iface = curvop.TorchGGN(model, "regression")
+    _, H = iface.full(x, y)
+    _, op = iface.full_operator(x, y)
+    op @ torch.randn(H.shape[0], dtype=torch.float64)
+    assert model[0].weight is w and model[2].weight is w
+    assert isinstance(model[0].weight, torch.nn.Parameter)
+    import reference as ref
+    torch.testing.assert_close(H, ref.ggn(model, x, y, "regression"), rtol=1e-10, atol=1e-12)

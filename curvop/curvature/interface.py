@@ -26,6 +26,7 @@ from curvop._model_guard import model_guard
 from curvop.errors import InputTypeError, NotSupportedError
 from curvop.feature_extractor import FeatureExtractor
 from curvop.operators import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
+from curvop.operators.dataset import DatasetLinearOperator
 from curvop.params import ParameterSelection
 
 __all__ = ["CurvatureInterface", "GGNInterface", "EFInterface", "HessianOperatorMixin"]
@@ -244,6 +245,72 @@ class CurvatureInterface:
             batch = self._batch(x, y, sel)
             op = self._full_operator(batch)
         return batch.loss(), op
+
+    def _rebuild_operator(self, x: Tensor, y: Tensor, S: Tensor | None) -> LinearOperator:
+        """``full_operator``'s operator again, with square-root columns ``S`` kept fixed."""
+        with model_guard(self.model):
+            sel = self._selection()
+            batch = self._batch(x, y, sel)
+            if S is None:
+                return self._full_operator(batch)
+            return GGNLinearOperator(*batch.theta, batch=batch, S=S)
+
+    def dataset_operator(self, loader, cache: bool | None = None,
+                         progress: bool | None = None) -> DatasetLinearOperator:
+        """The curvature summed over every ``(x, y)`` batch of ``loader``, matrix-free.
+
+        Products stream the batches (on the model's device). See
+        :class:`~curvop.operators.DatasetLinearOperator`.
+
+        Args:
+            loader: Re-iterable ``(x, y)`` batches in a fixed order (e.g. a ``DataLoader``
+                with ``shuffle=False``).
+            cache: Keep per-batch linearisations (default: while within ``memory_budget``).
+            progress: tqdm bar on every pass (default: for more than 10 batches).
+
+        Returns:
+            A `(P, P)` :class:`~curvop.operators.DatasetLinearOperator`; its ``loss`` is the
+            summed loss.
+
+        Raises:
+            InputError: If the loader is empty, or yields other data on a later pass.
+        """
+        self._require("_full_operator", "dataset_operator")
+        theta = self._selection().detached()
+        return DatasetLinearOperator(*theta, interface=self, loader=loader, cache=cache,
+                                     progress=progress)
+
+    def eig_lowrank(self, data_loader, tol: float = 1e-8, maxiter: int | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Top ``low_rank`` eigenpairs of the curvature summed over ``data_loader``.
+
+        Found matrix-free by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) over
+        products that stream the loader. "Top" means the largest *algebraic* eigenvalues: for
+        an indefinite Hessian the most positive ones (negative curvature is never returned);
+        only eigenvalues > 1e-6 are kept.
+
+        Args:
+            data_loader: Re-iterable ``(x, y)`` batches in a fixed order.
+            tol: Relative accuracy of the eigenvalues (ARPACK's ``tol``).
+            maxiter: Iteration limit (ARPACK's; default ``10 P``).
+
+        Returns:
+            ``(eigenvectors (P, k), eigenvalues (k,), loss)``, eigenvalues descending.
+
+        Raises:
+            NotSupportedError: If this class has no ``low_rank``.
+            InputError: If the loader is empty or changes between passes.
+        """
+        if not hasattr(self, "low_rank"):
+            raise NotSupportedError(
+                f"{type(self).__name__} has no `low_rank`; use TorchGGN, TorchHessian or "
+                "AsdlHessian for eig_lowrank")
+        from curvop.linalg.eigen import top_eigenpairs
+
+        op = self.dataset_operator(data_loader)
+        vecs, vals = top_eigenpairs(op, self.low_rank, tol=tol, maxiter=maxiter)
+        keep = vals > 1e-6
+        return vecs[:, keep], vals[keep], op.loss.detach()
 
     def diag_operator(self, x: Tensor, y: Tensor) -> tuple[Tensor, DiagLinearOperator]:
         """The exact diagonal as a ``DiagLinearOperator``.

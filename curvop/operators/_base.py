@@ -43,14 +43,18 @@ class CurvatureLinearOperator(LinearOperator):
         **kwargs: Further keyword arguments of the subclass (tensors such as ``S``).
     """
 
-    def __init__(self, *theta: Tensor, batch: Batch, **kwargs) -> None:
+    def __init__(self, *theta: Tensor, batch: Batch, cache: dict | None = None,
+                 **kwargs) -> None:
         if not theta:
             raise NotSupportedError("a curvature operator needs at least one parameter tensor")
         batch = batch.to(dtype=theta[0].dtype, device=theta[0].device)
-        super().__init__(*theta, batch=batch, **kwargs)
+        # linear_operator rebuilds the operator from its arguments inside every matmul
+        # (representation_tree): the linearisation lives in a dict shared by all rebuilds
+        cache = {} if cache is None else cache
+        super().__init__(*theta, batch=batch, cache=cache, **kwargs)
         self._batch = batch
         self._P = batch.sel.num_params
-        self._prod = None
+        self._shared = cache
 
     # --- products ----------------------------------------------------------------------
 
@@ -59,10 +63,11 @@ class CurvatureLinearOperator(LinearOperator):
 
     @property
     def products(self):
-        """The cached linearisation (built on the first product)."""
-        if self._prod is None:
-            self._prod = self._make_products()
-        return self._prod
+        """The cached linearisation (built on the first product), per dtype and device."""
+        key = (self.dtype, self.device)
+        if key not in self._shared:
+            self._shared[key] = self._make_products()
+        return self._shared[key]
 
     def linearize(self) -> CurvatureLinearOperator:
         """Build the cached linearisation now (else the first product does); returns ``self``."""

@@ -31,6 +31,18 @@ def _leaves(batch: Batch) -> list[Tensor]:
     return [t.detach().requires_grad_() for t in batch.theta]
 
 
+def _grad(outputs, inputs, grad_outputs, **kwargs):
+    """``torch.autograd.grad`` over a leading batch of cotangents; one column without vmap."""
+    k = grad_outputs[0].shape[0] if isinstance(grad_outputs, (list, tuple)) else \
+        grad_outputs.shape[0]
+    if k == 1:
+        squeeze = ([g[0] for g in grad_outputs] if isinstance(grad_outputs, (list, tuple))
+                   else grad_outputs[0])
+        out = torch.autograd.grad(outputs, inputs, squeeze, **kwargs)
+        return [None if o is None else o.unsqueeze(0) for o in out]
+    return torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, **kwargs)
+
+
 class SqrtFormProducts:
     r"""Products with :math:`\sum_n J_n^\top S_n S_n^\top J_n` for one batch.
 
@@ -61,9 +73,8 @@ class SqrtFormProducts:
         if self.mode == "reverse":
             try:
                 with torch.enable_grad():
-                    return torch.autograd.grad([t for _, t in self.jtu], self.u,
-                                               [V[i] for i, _ in self.jtu],
-                                               retain_graph=True, is_grads_batched=True)[0]
+                    return _grad([t for _, t in self.jtu], self.u, [V[i] for i, _ in self.jtu],
+                                 retain_graph=True)[0]
             except RuntimeError:
                 self.mode = "forward"  # double backward or its batching rule is missing
         fm, x, theta = self.batch.fm, self.batch.x, tuple(self.batch.theta)
@@ -75,8 +86,7 @@ class SqrtFormProducts:
 
     def _jtu(self, U: Tensor) -> list[Tensor]:
         with torch.enable_grad():
-            out = torch.autograd.grad(self.f, self.theta, U, retain_graph=True,
-                                      is_grads_batched=True, allow_unused=True)
+            out = _grad(self.f, self.theta, U, retain_graph=True, allow_unused=True)
         return [o if o is not None else U.new_zeros(U.shape[0], *p.shape)
                 for o, p in zip(out, self.theta)]
 
@@ -108,10 +118,9 @@ class HessianProducts:
         if self.mode == "reverse":
             try:
                 with torch.enable_grad():
-                    out = torch.autograd.grad([t for _, t in self.g], self.theta,
-                                              [tangents[i] for i, _ in self.g],
-                                              retain_graph=True, is_grads_batched=True,
-                                              allow_unused=True)
+                    out = _grad([t for _, t in self.g], self.theta,
+                                [tangents[i] for i, _ in self.g], retain_graph=True,
+                                allow_unused=True)
                 out = [o if o is not None else V.new_zeros(V.shape[0], *p.shape)
                        for o, p in zip(out, self.theta)]
                 return b.flat(out, 1).detach()

@@ -29,5 +29,7 @@ class EFLinearOperator(GGNLinearOperator):
         S: Optional; the output gradients `(B, C, 1)` (computed from the batch when omitted).
     """
 
-    def __init__(self, *theta: Tensor, batch: Batch, S: Tensor | None = None) -> None:
-        super().__init__(*theta, batch=batch, S=ef_sqrt(batch) if S is None else S)
+    def __init__(self, *theta: Tensor, batch: Batch, S: Tensor | None = None,
+                 cache: dict | None = None) -> None:
+        super().__init__(*theta, batch=batch, S=ef_sqrt(batch) if S is None else S,
+                         cache=cache)

@@ -34,8 +34,9 @@ class GGNLinearOperator(CurvatureLinearOperator):
         S: Square-root columns `(B, C, K)`.
     """
 
-    def __init__(self, *theta: Tensor, batch: Batch, S: Tensor) -> None:
-        super().__init__(*theta, batch=batch, S=S)
+    def __init__(self, *theta: Tensor, batch: Batch, S: Tensor, cache: dict | None = None
+                 ) -> None:
+        super().__init__(*theta, batch=batch, S=S, cache=cache)
         self._S = S.to(dtype=self.dtype, device=self.device)
 
     def _make_products(self) -> SqrtFormProducts:

@@ -1,0 +1,139 @@
+"""Data-set operators (streamed batches) and eig_lowrank against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvop
+import reference as ref
+from cases import Case, register
+from curvop.linalg import low_rank_operator
+
+
+def _problem(likelihood="classification", n=36, batch=12, seed=0):
+    torch.manual_seed(seed)
+    model = register(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                         torch.nn.Linear(7, 3)).double())
+    X = torch.randn(n, 5, dtype=torch.float64)
+    Y = (torch.randint(0, 3, (n,)) if likelihood == "classification"
+         else torch.randn(n, 3, dtype=torch.float64))
+    loader = [(X[i: i + batch], Y[i: i + batch]) for i in range(0, n, batch)]
+    return model, X, Y, loader
+
+
+KINDS = {"ggn": curvop.TorchGGN, "ef": curvop.TorchEF, "hessian": curvop.TorchHessian}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_dataset_operator_is_sum_of_batches(kind, likelihood, cache):
+    model, X, Y, loader = _problem(likelihood)
+    iface = KINDS[kind](model, likelihood)
+    H = sum(ref.CURVATURES[kind](model, x, y, likelihood) for x, y in loader)
+    op = iface.dataset_operator(loader, cache=cache)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(op @ V, H @ V, **tol)
+    torch.testing.assert_close(op.to_dense(), H, **tol)
+    torch.testing.assert_close(op.diagonal(), H.diagonal(), **tol)
+    torch.testing.assert_close(op.loss, ref.loss(model, X, Y, likelihood))
+
+
+def test_dataset_mc_fisher_fixed_across_passes_without_cache():
+    model, X, Y, loader = _problem()
+    iface = curvop.TorchGGN(model, "classification", stochastic=True,
+                            generator=torch.Generator().manual_seed(0))
+    op = iface.dataset_operator(loader, cache=False)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, op @ v, rtol=0, atol=0)
+
+
+def test_loader_that_changes_raises():
+    model, X, Y, loader = _problem()
+
+    class Shuffling:
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(loader if self.passes == 1 else loader[::-1])
+
+    op = curvop.TorchGGN(model, "classification").dataset_operator(Shuffling())
+    with pytest.raises(ValueError, match="yielded different data at batch 0"):
+        op @ torch.randn(op.shape[0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        curvop.TorchGGN(model, "classification").dataset_operator([])
+    with pytest.raises(TypeError, match=r"must yield \(x, y\) pairs"):
+        curvop.TorchGGN(model, "classification").dataset_operator([X[:3]])
+
+
+def _subspace_sin(U, V):
+    """Largest sine of the principal angles between the column spaces of U and V."""
+    s = torch.linalg.svdvals(U.T @ V)
+    return float((1 - s.min() ** 2).clamp_min(0).sqrt())
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_eig_lowrank_matches_dense(kind, k):
+    model, X, Y, loader = _problem()
+    cls = KINDS[kind]
+    iface = cls(model, "classification", low_rank=k)
+    H = sum(ref.CURVATURES[kind](model, x, y, "classification") for x, y in loader)
+    lam_ref, U_ref = torch.linalg.eigh(H)
+    lam_ref, U_ref = lam_ref.flip(0)[:k], U_ref.flip(1)[:, :k]
+    U, lam, loss = iface.eig_lowrank(loader)
+    assert U.shape == (H.shape[0], k) and lam.shape == (k,)
+    assert (lam[:-1] >= lam[1:]).all()
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-8, atol=0)
+    signs = torch.sign((U * U_ref).sum(0))
+    torch.testing.assert_close(U * signs, U_ref, rtol=0, atol=1e-6)
+    assert _subspace_sin(U, U_ref) < 1e-6
+    torch.testing.assert_close(loss, ref.loss(model, X, Y, "classification"))
+
+
+def test_eig_lowrank_drops_small_and_negative_eigenvalues():
+    # a linear regression model: the GGN has rank <= inputs + 1 per output
+    model = register(torch.nn.Linear(2, 1).double())
+    X = torch.randn(10, 2, dtype=torch.float64)
+    Y = torch.randn(10, 1, dtype=torch.float64)
+    U, lam, _ = curvop.TorchGGN(model, "regression", low_rank=3).eig_lowrank([(X, Y)])
+    assert lam.numel() == 3 and (lam > 1e-6).all()
+    model2, X2, Y2, loader = _problem()
+    U, lam, _ = curvop.TorchHessian(model2, "classification", low_rank=12).eig_lowrank(loader)
+    assert (lam > 1e-6).all() and lam.numel() <= 12
+
+
+def test_eig_lowrank_needs_low_rank():
+    model, X, Y, loader = _problem()
+    with pytest.raises(NotImplementedError, match="TorchEF has no `low_rank`"):
+        curvop.TorchEF(model, "classification").eig_lowrank(loader)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 0.5, 10.0])
+def test_low_rank_plus_damping_exact(delta):
+    model, X, Y, loader = _problem()
+    U, lam, _ = curvop.TorchGGN(model, "classification", low_rank=5).eig_lowrank(loader)
+    A = low_rank_operator(U, lam).add_diagonal(torch.tensor(delta, dtype=torch.float64))
+    D = U @ torch.diag(lam) @ U.T + delta * torch.eye(U.shape[0], dtype=torch.float64)
+    b = torch.randn(U.shape[0], 2, dtype=torch.float64)
+    torch.testing.assert_close(A.solve(b), torch.linalg.solve(D, b), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(A.logdet(), torch.logdet(D), rtol=1e-10, atol=1e-10)
+
+
+def test_low_rank_operator_errors():
+    with pytest.raises(ValueError, match="must match"):
+        low_rank_operator(torch.zeros(4, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        low_rank_operator(torch.zeros(4, 1), -torch.ones(1))
+
+
+def test_case_models_eig_lowrank_cnn():
+    model, x, y = Case("cnn", "classification").build()
+    loader = [(x[:3], y[:3]), (x[3:], y[3:])]
+    iface = curvop.TorchGGN(model, "classification", low_rank=3)
+    H = sum(ref.ggn(model, a, b, "classification") for a, b in loader)
+    _, lam, _ = iface.eig_lowrank(loader)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(H).flip(0)[:3], rtol=1e-8, atol=0)
