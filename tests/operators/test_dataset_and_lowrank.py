@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import curvop
+from curvop.linalg import low_rank_operator
+
 import reference as ref
 from cases import Case, register
-from curvop.linalg import low_rank_operator
 
 
 def _problem(likelihood="classification", n=36, batch=12, seed=0):
