@@ -28,6 +28,7 @@ from curvop.curvature.interface import (
     GGNInterface,
     HessianOperatorMixin,
 )
+from curvop.kfac import kron_hook
 
 __all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
 
@@ -64,7 +65,7 @@ class TorchGGN(_TorchBase, GGNInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator", "_kron"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, stochastic: bool = False,
@@ -90,6 +91,14 @@ class TorchGGN(_TorchBase, GGNInterface):
         lam = output_hessian_product(S)
         return batch.materialise(lambda V: batch.ggn_columns(V, lam))
 
+    def _kron(self, batch: Batch, N: int, **kwargs):
+        """KFAC of the GGN (KFLR) or, with ``stochastic=True``, the MC Fisher; see curvop.kfac.
+
+        Options: ``approx`` (``'expand'`` or ``'reduce'``), ``fallback`` (``None``, ``'diag'``,
+        ``'full'``).
+        """
+        return kron_hook(self, batch, N, self._sqrt_output_hessian, **kwargs)
+
 
 class TorchEF(_TorchBase, EFInterface):
     """Empirical Fisher with torch.func per-sample gradients.
@@ -104,7 +113,7 @@ class TorchEF(_TorchBase, EFInterface):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
+        {"_jacobians", "_gradients", "_full", "_diag", "_full_operator", "_kron"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, **kwargs) -> None:
@@ -117,6 +126,10 @@ class TorchEF(_TorchBase, EFInterface):
 
     def _full(self, batch: Batch) -> Tensor:
         return sqrt_form_full(batch, ef_sqrt(batch))
+
+    def _kron(self, batch: Batch, N: int, **kwargs):
+        """KFAC of the empirical Fisher (``S = r``, the output gradients); see curvop.kfac."""
+        return kron_hook(self, batch, N, ef_sqrt, **kwargs)
 
 
 class TorchHessian(_TorchBase, HessianOperatorMixin, CurvatureInterface):

@@ -1,0 +1,305 @@
+r"""Kronecker factors (KFAC) of the square-root-form curvatures, from layer taps.
+
+The exact GGN, the Monte-Carlo Fisher and the empirical Fisher are all
+:math:`\sum_n J_n^\top S_n S_n^\top J_n` (see :mod:`curvop._sqrt_form`); backpropagating the
+``K`` columns of ``S`` through a Linear/Conv layer gives its output gradients
+``g`` `(K, n, G, T, O)` next to its unfolded inputs ``a`` `(n, G, T, I)` (:mod:`curvop._taps`;
+``G`` convolution groups, ``T`` weight-sharing positions: tokens, pixels). The weight's block is
+approximated by one Kronecker product per group (Eschenhagen et al., 2023, *Kronecker-Factored
+Approximate Curvature for Modern Neural Network Architectures*):
+
+``approx='expand'`` (positions are extra data points)
+
+.. math::
+    A = \sum_{k,n,t} g_{knt} g_{knt}^\top, \qquad B = \frac{1}{N T} \sum_{n,t} a_{nt} a_{nt}^\top
+
+``approx='reduce'`` (positions are aggregated first)
+
+.. math::
+    A = \sum_{k,n} \Big(\sum_t g_{knt}\Big)\Big(\sum_t g_{knt}\Big)^\top, \qquad
+    B = \frac1N \sum_n \bar a_n \bar a_n^\top, \quad \bar a_n = \frac1T \sum_t a_{nt}
+
+Both are standard KFAC without weight sharing (``T == 1``). A bias gets its exact block,
+:math:`C = \sum_{k,n} (\sum_t g_{knt})(\sum_t g_{knt})^\top` (the same in both modes; for
+``T == 1`` it is :math:`\sum g g^\top`).
+
+**Scaling (per batch).** Sums over ``k``, ``n`` and ``t`` run over the batch of size ``M``; the
+input side is divided by the data-set size ``N``, not ``M``. For the whole data set in one batch
+(``M == N``), ``A ⊗ B`` is the usual KFAC (exact for one datum, for a deep linear network with
+one output, and for the last layer of a regression network), and summing the batches of a data
+set factor-wise with :meth:`curvop.Kron.accumulate` gives the data-set KFAC
+:math:`(\sum g g^\top) \otimes (\frac1N \sum a a^\top)`. This is laplace-torch 0.3's convention
+(BackPACK KFLR/KFAC factors with the input side rescaled by ``M / N``); for an MLP the numbers
+are BackPACK's. For convolutions BackPACK's factors are :math:`(\sum_{k,n} \hat g \hat g^\top)
+\otimes (\frac1N \sum_{n,t} a a^\top)` with :math:`\hat g = \sum_t g`: the ``reduce`` output
+side with ``T`` times the ``expand`` input side, neither of the two approximations here.
+
+**Layout.** Blocks follow parameter order and each parameter's row-major layout: a weight
+`(O, I)` (a convolution's `(O, C_in/G, *kernel)`) is ``[A, B]`` with ``A`` `(O, O)` and ``B``
+`(I, I)`; a grouped convolution (``groups = G > 1``) has ``G`` consecutive blocks
+``[A_g, B_g]`` of sizes `(O/G, O/G)` and `(I, I)`, one per group (rows of group ``g`` are
+contiguous in the flattened weight; cross-group terms are dropped like cross-layer ones), so the
+Kron then has more blocks than the model has parameter tensors; a bias is ``[C]``.
+
+**Other layers.** Parameters that no Linear/Conv tap covers (LayerNorm, BatchNorm, Embedding,
+a module's own parameters, a layer called twice or whose weight is also used elsewhere) have no
+Kronecker form: by default :class:`~curvop.errors.NotSupportedError` names every such module;
+``fallback='diag'`` gives each of their tensors the exact diagonal of its curvature block as a
+dense ``[torch.diag(h)]``, ``fallback='full'`` the exact dense block of each tensor (both through
+per-sample products ``S_nᵀ J_n`` restricted to those parameters, with the same ``S``).
+
+Example:
+    One datum: the blocks are the exact GGN blocks of each parameter tensor.
+
+    >>> import torch, curvop
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+    ...                           torch.nn.Linear(4, 2)).double()
+    >>> x, y = torch.randn(1, 3, dtype=torch.float64), torch.tensor([1])
+    >>> loss, K = curvop.TorchGGN(net, 'classification').kron(x, y, N=1)
+    >>> K.layout, K.block_sizes
+    ((2, 1, 2, 1), (12, 4, 8, 2))
+    >>> G = curvop.TorchGGN(net, 'classification').full(x, y)[1]
+    >>> bool(torch.allclose(K.to_dense()[:12, :12], G[:12, :12]))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvop._checks import check_fits, check_positive_int
+from curvop._functional import Batch, FunctionalModel, chunk_size
+from curvop._sqrt_form import sqrt_vjp_chunks
+from curvop._taps import Tap, Unhandled, tap_layers
+from curvop.errors import InputError, InputTypeError, NotSupportedError
+from curvop.operators.kron import Kron
+from curvop.params import ParameterSelection, trainable_named_parameters
+
+__all__ = ["APPROXIMATIONS", "FALLBACKS", "kfac", "kron_hook", "check_kron_options"]
+
+#: weight-sharing approximations (Eschenhagen et al., 2023)
+APPROXIMATIONS = ("expand", "reduce")
+#: what parameters without a Kronecker form get
+FALLBACKS = (None, "diag", "full")
+
+
+def check_kron_options(approx: object, fallback: object, owner: str) -> tuple[str, str | None]:
+    """Validate the ``kron`` options.
+
+    Raises:
+        InputTypeError: If ``approx`` or ``fallback`` is not a string (``fallback``: or None).
+        InputError: If either is not one of the documented values.
+    """
+    if not isinstance(approx, str):
+        raise InputTypeError(
+            f"{owner}.kron: `approx` must be 'expand' or 'reduce'; got {type(approx).__name__}")
+    if approx not in APPROXIMATIONS:
+        raise InputError(f"{owner}.kron: `approx` must be 'expand' or 'reduce'; got {approx!r}")
+    if fallback is not None and not isinstance(fallback, str):
+        raise InputTypeError(f"{owner}.kron: `fallback` must be None, 'diag' or 'full'; got "
+                             f"{type(fallback).__name__}")
+    if fallback not in FALLBACKS:
+        raise InputError(f"{owner}.kron: `fallback` must be None, 'diag' or 'full'; got "
+                         f"{fallback!r}")
+    return approx, fallback
+
+
+@dataclass
+class _Sums:
+    """Per-layer sums over the batch: ``A`` `(G, O, O)`, ``B`` `(G, I, I)`, bias ``C``."""
+
+    A: Tensor | None = None
+    B: Tensor | None = None
+    C: Tensor | None = None
+    T: int = 1
+
+
+def _add(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total.add_(term)
+
+
+def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
+    """Add one chunk's sums of layer ``t`` to ``s`` (no scaling by ``N`` yet)."""
+    a, g = t.a, t.g  # (n, G, T, I), (K, n, G, T, O)
+    K, n, G, T, d_out = g.shape
+    s.T = T
+    g_sum = g.sum(3)  # (K, n, G, O): the reduce output side and the bias gradient
+    if t.has_weight:
+        if approx == "expand":
+            gg = g.permute(2, 0, 1, 3, 4).reshape(G, K * n * T, d_out)
+            aa = a.transpose(0, 1).reshape(G, n * T, a.shape[-1])
+        else:
+            gg = g_sum.permute(2, 0, 1, 3).reshape(G, K * n, d_out)
+            aa = a.mean(2).transpose(0, 1)  # (G, n, I)
+        s.A = _add(s.A, gg.mT @ gg)
+        s.B = _add(s.B, aa.mT @ aa)
+    if t.has_bias:
+        gb = g_sum.reshape(K * n, G * d_out)
+        s.C = _add(s.C, gb.T @ gb)
+
+
+def _sym(F: Tensor) -> Tensor:
+    return (F + F.mT) / 2
+
+
+def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[Tensor]]]:
+    """Blocks per live slot of layer ``t`` from its sums."""
+    out: dict[int, list[list[Tensor]]] = {}
+    slots = iter(t.param_slots)
+    if t.has_weight:
+        scale = N * s.T if approx == "expand" else N
+        out[next(slots)] = [[_sym(A), _sym(B / scale)] for A, B in zip(s.A, s.B)]
+    if t.has_bias:
+        out[next(slots)] = [[_sym(s.C)]]
+    return out
+
+
+def _sub_batch(batch: Batch, rows: slice, fm: FunctionalModel | None = None) -> Batch:
+    return Batch(fm or batch.fm, batch.x[rows], None if batch.y is None else batch.y[rows],
+                 batch.f[rows], batch.likelihood, batch.budget)
+
+
+def _module_label(u: Unhandled, batch: Batch) -> str:
+    where = f"'{u.name}'" if u.name else "the model itself"
+    names = [batch.sel.names[i].rsplit(".", 1)[-1] for i in u.param_slots]
+    return f"{where} ({type(u.module).__name__}; {', '.join(names)}): {u.reason}"
+
+
+def _raise_unhandled(unhandled: list[Unhandled], batch: Batch, owner: str) -> None:
+    modules = "; ".join(_module_label(u, batch) for u in unhandled)
+    raise NotSupportedError(
+        f"{owner}.kron: no Kronecker form for {len(unhandled)} module(s) owning selected "
+        f"parameters: {modules}. Pass fallback='diag' (their exact diagonal as dense blocks) or "
+        f"fallback='full' (their exact dense blocks), or use {owner}.diag / {owner}.full")
+
+
+def _factor_numel(taps: list[Tap], unhandled: list[Unhandled], batch: Batch,
+                  fallback: str | None) -> int:
+    """Entries of every factor the result will hold."""
+    total = 0
+    for t in taps:
+        if t.has_weight:
+            G, d_out, d_in = t.a.shape[1], t.g.shape[-1], t.a.shape[-1]
+            total += G * (d_out * d_out + d_in * d_in)
+        if t.has_bias:
+            total += (t.g.shape[2] * t.g.shape[-1]) ** 2
+    if fallback is not None:
+        total += sum(batch.sel.numels[i] ** 2 for u in unhandled for i in u.param_slots)
+    return total
+
+
+def _exact_blocks(batch: Batch, S: Tensor, slots: list[int], fallback: str
+                  ) -> dict[int, list[list[Tensor]]]:
+    """Exact diagonal (as ``torch.diag``) or dense block of each live tensor in ``slots``.
+
+    Per-sample products ``S_nᵀ J_n`` with only those tensors differentiated.
+    """
+    sel = batch.sel
+    slots = sorted(slots)
+    names = [sel.names[i] for i in slots]
+    offset, start = {}, 0
+    for n, p in trainable_named_parameters(sel.module):
+        offset[n] = start
+        start += p.numel()
+    idx = torch.cat([torch.arange(offset[n], offset[n] + sel.numels[i])
+                     for n, i in zip(names, slots)])
+    sub_sel = ParameterSelection(sel.module, idx)
+    sub = _sub_batch(batch, slice(None), FunctionalModel(sel.module, sub_sel))
+    numels = [sel.numels[i] for i in slots]
+    acc = [batch.f.new_zeros(p) if fallback == "diag" else batch.f.new_zeros(p, p)
+           for p in numels]
+    for M in sqrt_vjp_chunks(sub, S):
+        for total, Mi in zip(acc, M.split(numels, dim=-1)):
+            if fallback == "diag":
+                total += Mi.square().sum((0, 1))
+            else:
+                Mi = Mi.reshape(-1, Mi.shape[-1])
+                total.addmm_(Mi.T, Mi)
+    return {i: [[torch.diag(h) if fallback == "diag" else _sym(h)]]
+            for i, h in zip(slots, acc)}
+
+
+def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
+         fallback: str | None = None, verified: set | None = None, owner: str = "kfac",
+         max_bytes: int | None = None) -> Kron:
+    r"""KFAC of :math:`\sum_n J_n^\top S_n S_n^\top J_n` for one batch (see the module docstring).
+
+    Args:
+        batch: The batch (whole parameter tensors selected: ``batch.sel.index is None``).
+        S: Square-root columns `(B, C, K)` (exact, sampled, or the output gradients).
+        N: Size of the whole data set (the input-side factors are divided by it).
+        approx: ``'expand'`` or ``'reduce'`` for weight sharing.
+        fallback: ``None``, ``'diag'`` or ``'full'`` for parameters without a Kronecker form.
+        verified: The caller's cache of structures whose taps passed their check.
+        owner: Class name for messages.
+        max_bytes: Limit for the factors, as in :func:`~curvop._checks.check_fits`.
+
+    Returns:
+        A :class:`~curvop.Kron` with blocks in parameter order.
+
+    Raises:
+        NotSupportedError: If a subnetwork splits parameter tensors, or (without ``fallback``)
+            some selected parameters have no Kronecker form; the message names every module.
+        InputError, InputTypeError: If ``N``, ``approx`` or ``fallback`` is invalid.
+        MemoryBudgetError: If the factors cannot fit (before they are formed).
+    """
+    approx, fallback = check_kron_options(approx, fallback, owner)
+    N = check_positive_int(N, "N")
+    if batch.sel.index is not None:
+        raise NotSupportedError(
+            f"{owner}.kron: a subnetwork that splits parameter tensors (or reorders them) has no "
+            "Kronecker form; `subnetwork_indices` must select whole tensors in parameter order, "
+            f"or use {owner}.full / {owner}.diag on the subnetwork")
+    # one sample first: it settles which layers pass their check and how big a sample's taps are
+    first = slice(0, 1)
+    taps, unhandled = tap_layers(_sub_batch(batch, first), S[first], verified, partial=True)
+    if unhandled and fallback is None:
+        _raise_unhandled(unhandled, batch, owner)
+    check_fits((_factor_numel(taps, unhandled, batch, fallback),), batch.f.dtype,
+               batch.f.device, "the Kronecker factors", max_bytes)
+    names = [t.name for t in taps]
+    sums = {t.name: _Sums() for t in taps}
+    per_sample = 4 * batch.itemsize * sum(t.a.numel() + t.g.numel() for t in taps)
+    for t in taps:
+        _accumulate(t, approx, sums[t.name])
+    start = 1
+    while start < batch.size:
+        rows = slice(start, start + chunk_size(batch.budget, per_sample, batch.size - start))
+        chunk_taps, chunk_unhandled = tap_layers(_sub_batch(batch, rows), S[rows], verified,
+                                                 partial=True)
+        if [t.name for t in chunk_taps] != names:
+            raise NotSupportedError(
+                f"{owner}.kron: the layers that can be tapped differ between samples "
+                f"({names} for the first sample, {[t.name for t in chunk_taps]} later)")
+        for t in chunk_taps:
+            _accumulate(t, approx, sums[t.name])
+        start = rows.stop
+    blocks: dict[int, list[list[Tensor]]] = {}
+    for t in taps:
+        blocks.update(_layer_blocks(t, sums[t.name], N, approx))
+    if unhandled:
+        blocks.update(_exact_blocks(batch, S, [i for u in unhandled for i in u.param_slots],
+                                    fallback))
+    return Kron([block for i in range(len(batch.sel.names)) for block in blocks[i]])
+
+
+def kron_hook(interface, batch: Batch, N: int, sqrt: Callable[[Batch], Tensor],
+              approx: str = "expand", fallback: str | None = None, **kwargs) -> Kron:
+    """The ``_kron`` hook of a native interface whose ``S`` is ``sqrt(batch)``.
+
+    Raises:
+        InputTypeError: On unexpected keyword arguments (and see :func:`kfac`).
+    """
+    owner = type(interface).__name__
+    if kwargs:
+        raise InputTypeError(
+            f"{owner}.kron got unexpected keyword arguments {sorted(kwargs)}; it takes "
+            "`approx` ('expand' or 'reduce') and `fallback` (None, 'diag' or 'full')")
+    check_kron_options(approx, fallback, owner)  # before an MC draw consumes the generator
+    return kfac(batch, sqrt(batch), N, approx=approx, fallback=fallback,
+                verified=interface._verified_taps, owner=owner,
+                max_bytes=interface.max_bytes)

@@ -1,0 +1,482 @@
+"""Kronecker factors of the native backend (TorchGGN / TorchEF ``kron``), in float64.
+
+Truth: the dense brute-force curvatures of ``reference.py`` where KFAC is exact (one datum,
+deep linear networks with one output, the last layer of a regression network), and everywhere
+else factors built here from autograd's per-sample layer inputs and output gradients (hooks,
+an im2col of our own), following the formulas of :mod:`curvop.kfac`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvop
+from curvop.errors import InputError, InputTypeError, NotSupportedError
+from curvop.likelihoods import Likelihood
+
+import reference as ref
+from cases import Case, register
+
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+DT = torch.float64
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+class SeqLinear(nn.Module):
+    """A Linear over a sequence of 3 positions (weight sharing), then a head on the flattened."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.head = nn.Linear(15, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.reshape(x.shape[0], 3, 4))).flatten(1))
+
+
+class Reused(nn.Module):
+    """``lin``'s weight also enters outside its forward (tied): no (a, g) picture."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)) + 0.3 * x @ self.lin.weight.T)
+
+
+class Twice(nn.Module):
+    """``lin`` is called twice in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+def _seq(*layers):
+    return nn.Sequential(*layers)
+
+
+#: name -> (factory, input shape without batch)
+MODELS = {
+    "mlp": (lambda: _seq(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, 3)), (6,)),
+    # stride, dilation, padding, then a grouped convolution
+    "cnn": (lambda: _seq(nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2), nn.Tanh(),
+                         nn.Conv2d(4, 4, 2, groups=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(64, 3)), (2, 6, 6)),
+    "conv1d": (lambda: _seq(nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(),
+                            nn.Flatten(), nn.Linear(12, 3)), (2, 9)),
+    "conv3d": (lambda: _seq(nn.Conv3d(1, 2, 2, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                            nn.Linear(16, 3)), (1, 3, 3, 3)),
+    "seq": (SeqLinear, (12,)),
+    # T == 1 for both convolutions: KFAC is exact for one datum, per group
+    "grouped_t1": (lambda: _seq(nn.Conv2d(4, 6, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                                nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)),
+                   (4, 3, 3)),
+}
+
+
+def build(name, likelihood="classification", batch=6, seed=0, C=3):
+    """``(model, x, y)`` in float64, the model registered for the untouched-model check."""
+    factory, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(DT).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, *shape, generator=g, dtype=DT)
+    if likelihood == "classification":
+        y = torch.randint(0, C, (batch,), generator=g)
+    else:
+        y = torch.randn(batch, C, generator=g, dtype=DT)
+    register(model)
+    return model, x, y
+
+
+# --- brute force ---------------------------------------------------------------------------
+
+
+def im2col(conv, x):
+    """`(n, C_in, *spatial)` → patches `(n, T, C_in, *kernel)` with Tensor.unfold per dim."""
+    d = len(conv.kernel_size)
+    pad = []
+    for p in reversed(conv.padding):
+        pad += [p, p]
+    x = nn.functional.pad(x, pad)
+    for i in range(d):
+        k, s, dil = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]
+    n, C, T = x.shape[0], x.shape[1], math.prod(x.shape[2:2 + d])
+    perm = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    return x.permute(perm).reshape(n, T, C, *conv.kernel_size)
+
+
+def layer_pairs(model, x, S):
+    """Per layer: ``a`` `(n, G, T, I)` and ``g`` `(K, n, G, T, O/G)` from hooks and autograd."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
+                                                            nn.Conv3d))]
+    ins, outs = {}, {}
+
+    def hook(m, inp, out):
+        ins[m], outs[m] = inp[0].detach(), out
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        f = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = [torch.autograd.grad(f, [outs[m] for m in layers], S[:, :, k], retain_graph=True)
+             for k in range(S.shape[-1])]
+    pairs = {}
+    for i, m in enumerate(layers):
+        g = torch.stack([gk[i] for gk in grads])  # (K, n, O, ...) or (K, n, ..., O)
+        n = x.shape[0]
+        if isinstance(m, nn.Linear):
+            a = ins[m].reshape(n, 1, -1, m.in_features)
+            g = g.reshape(g.shape[0], n, 1, -1, m.out_features)
+        else:
+            G = m.groups
+            p = im2col(m, ins[m])  # (n, T, C_in, *k)
+            T = p.shape[1]
+            a = p.reshape(n, T, G, -1).transpose(1, 2)
+            g = g.reshape(g.shape[0], n, G, -1, T).transpose(-1, -2)
+        pairs[m] = (a, g)
+    return pairs
+
+
+def brute_kfacs(model, x, S, N, approx):
+    """The expected ``kfacs`` (parameter order; one ``[A_g, B_g]`` per group of a weight)."""
+    pairs = layer_pairs(model, x, S)
+    kfacs = []
+    for m, (a, g) in pairs.items():
+        T = a.shape[2]
+        if approx == "expand":
+            A = torch.einsum("kngto,kngtp->gop", g, g)
+            B = torch.einsum("ngti,ngtj->gij", a, a) / (N * T)
+        else:
+            gs, am = g.sum(3), a.mean(2)
+            A = torch.einsum("kngo,kngp->gop", gs, gs)
+            B = torch.einsum("ngi,ngj->gij", am, am) / N
+        kfacs += [[Ag, Bg] for Ag, Bg in zip(A, B)]
+        if m.bias is not None:
+            gb = g.sum(3).flatten(2)
+            kfacs.append([torch.einsum("kno,knp->op", gb, gb)])
+    return kfacs
+
+
+def sqrt_lambda(f, likelihood):
+    """A square root of Λ through its eigendecomposition (not curvop's formula)."""
+    L = ref.output_hessian(f.detach(), likelihood)
+    w, Q = torch.linalg.eigh(L)
+    return Q * w.clamp_min(0).sqrt().unsqueeze(-2)
+
+
+def ef_sqrt(model, x, y, likelihood):
+    f = model(x).detach().requires_grad_()
+    r = torch.autograd.grad(ref.loss_fn(likelihood, f, y), f)[0]
+    return r.unsqueeze(-1)
+
+
+def assert_kfacs(got, expected):
+    assert [len(b) for b in got] == [len(b) for b in expected]
+    for gb, eb in zip(got, expected):
+        for F, E in zip(gb, eb):
+            torch.testing.assert_close(F, E, **TOL)
+
+
+def diag_blocks(H, sizes):
+    """``block_diag`` of the diagonal blocks of ``H`` at ``sizes``."""
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    return torch.block_diag(*[H[s:e, s:e] for s, e in zip(starts[:-1], starts[1:])])
+
+
+def param_sizes(model, last_layer=False):
+    return [p.numel() for p in ref.selected_params(model, last_layer)]
+
+
+# --- exactness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("name", ["tanh_mlp", "mlp_nobias", "two_path", "layernorm_mlp"])
+def test_one_datum_ggn_and_ef_are_the_dense_blocks(name, likelihood):
+    """One datum, N = 1: every block is exact (LayerNorm / TwoPath's `scale` by `full`)."""
+    model, x, y = Case(name, likelihood, batch=1).build()
+    sizes = param_sizes(model)
+    for cls, curv in ((curvop.TorchGGN, ref.ggn), (curvop.TorchEF, ref.ef)):
+        for approx in ("expand", "reduce"):
+            _, K = cls(model, likelihood).kron(x, y, N=1, approx=approx, fallback="full")
+            assert K.block_sizes == tuple(sizes)
+            torch.testing.assert_close(K.to_dense(), diag_blocks(curv(model, x, y, likelihood),
+                                                                 sizes), **TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_one_datum_mc_fisher_with_the_same_samples(likelihood):
+    model, x, y = Case("tanh_mlp", likelihood, batch=1).build()
+    gen = torch.Generator().manual_seed(3)
+    _, K = curvop.TorchGGN(model, likelihood, stochastic=True, num_samples=4,
+                           generator=gen).kron(x, y, N=1)
+    J, f = ref.jacobians(model, x)
+    S = Likelihood(likelihood).sampled_sqrt_output_hessian(f, 4, torch.Generator().manual_seed(3))
+    mc = torch.einsum("bcp,bck,bdk,bdq->pq", J, S, S, J)
+    torch.testing.assert_close(K.to_dense(), diag_blocks(mc, param_sizes(model)), **TOL)
+
+
+def test_one_datum_grouped_convolution_is_exact_per_group():
+    """groups=2 with one output position: G blocks [A_g, B_g], each the exact group block."""
+    model, x, y = build("grouped_t1", batch=1)
+    _, K = curvop.TorchGGN(model, "classification").kron(x, y, N=1)
+    per_group = 3 * 2 * 9  # (O/G) * (C_in/G) * 3 * 3
+    sizes = [per_group, per_group, 6, 24, 12, 3]
+    assert K.block_sizes == tuple(sizes)
+    torch.testing.assert_close(K.to_dense(), diag_blocks(ref.ggn(model, x, y, "classification"),
+                                                         sizes), **TOL)
+
+
+def test_deep_linear_network_with_one_output_is_exact():
+    torch.manual_seed(0)
+    model = register(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(3, 1)).to(DT))
+    x, y = torch.randn(7, 4, dtype=DT), torch.randn(7, 1, dtype=DT)
+    _, K = curvop.TorchGGN(model, "regression").kron(x, y, N=7)
+    torch.testing.assert_close(K.to_dense(), diag_blocks(ref.ggn(model, x, y, "regression"),
+                                                         param_sizes(model)), **TOL)
+
+
+def test_last_layer_of_a_regression_network_is_exact():
+    model, x, y = Case("tanh_mlp", "regression", batch=6).build()
+    _, K = curvop.TorchGGN(model, "regression", last_layer=True).kron(x, y, N=6)
+    assert K.layout == (2, 1)
+    G = ref.ggn(model, x, y, "regression", last_layer=True)
+    torch.testing.assert_close(K.to_dense(), diag_blocks(G, param_sizes(model, True)), **TOL)
+
+
+# --- factors against brute force -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "conv3d", "seq"])
+def test_ggn_factors_equal_brute_force(name, approx):
+    model, x, y = build(name)
+    _, K = curvop.TorchGGN(model, "classification").kron(x, y, N=10, approx=approx)
+    S = sqrt_lambda(model(x), "classification")
+    assert_kfacs(K.kfacs, brute_kfacs(model, x, S, 10, approx))
+
+
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_ef_and_regression_factors_equal_brute_force(name):
+    model, x, y = build(name, "regression")
+    _, K = curvop.TorchGGN(model, "regression").kron(x, y, N=8, approx="reduce")
+    S = sqrt_lambda(model(x), "regression")
+    assert_kfacs(K.kfacs, brute_kfacs(model, x, S, 8, "reduce"))
+    _, K = curvop.TorchEF(model, "regression").kron(x, y, N=8)
+    assert_kfacs(K.kfacs, brute_kfacs(model, x, ef_sqrt(model, x, y, "regression"), 8, "expand"))
+
+
+def test_mc_factors_equal_brute_force_and_are_reproducible():
+    model, x, y = build("cnn")
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return curvop.TorchGGN(model, "classification", stochastic=True, num_samples=2,
+                               generator=gen).kron(x, y, N=6)[1]
+
+    K1, K2, K3 = run(7), run(7), run(8)
+    assert torch.equal(K1.to_dense(), K2.to_dense())
+    assert not torch.allclose(K1.to_dense(), K3.to_dense())
+    S = Likelihood("classification").sampled_sqrt_output_hessian(
+        model(x).detach(), 2, torch.Generator().manual_seed(7))
+    assert_kfacs(K1.kfacs, brute_kfacs(model, x, S, 6, "expand"))
+
+
+def test_expand_and_reduce_agree_without_weight_sharing_only():
+    model, x, y = build("mlp")
+    iface = curvop.TorchGGN(model, "classification")
+    assert_kfacs(iface.kron(x, y, N=6)[1].kfacs, iface.kron(x, y, N=6, approx="reduce")[1].kfacs)
+    model, x, y = build("seq")
+    iface = curvop.TorchGGN(model, "classification")
+    expand, reduce = (iface.kron(x, y, N=6, approx=a)[1].kfacs[0] for a in ("expand", "reduce"))
+    assert not torch.allclose(expand[0], reduce[0]) and not torch.allclose(expand[1], reduce[1])
+
+
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_batches_accumulate_to_the_full_batch(name):
+    model, x, y = build(name, batch=7)
+    for cls in (curvop.TorchGGN, curvop.TorchEF):
+        iface = cls(model, "classification")
+        for approx in ("expand", "reduce"):
+            full = iface.kron(x, y, N=20, approx=approx)[1]
+            parts = [iface.kron(x[s], y[s], N=20, approx=approx)[1]
+                     for s in (slice(0, 3), slice(3, 7))]
+            assert_kfacs(parts[0].accumulate(parts[1]).kfacs, full.kfacs)
+
+
+def test_chunked_samples_give_the_same_factors():
+    model, x, y = build("cnn")
+    one = curvop.TorchGGN(model, "classification").kron(x, y, N=6)[1]
+    chunked = curvop.TorchGGN(model, "classification", memory_budget=1).kron(x, y, N=6)[1]
+    assert_kfacs(chunked.kfacs, one.kfacs)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_matches_laplace_torch_backpack_kflr_on_an_mlp(likelihood):
+    """Same blocks as laplace-torch 0.3's BackPackGGN.kron (mini-batch M=6 of N=10).
+
+    Factors are identical for classification; for regression laplace-torch's factors are
+    ``(√2 A, B / √2)``: BackPACK's MSE square root carries the factor 2 and laplace-torch
+    multiplies the Kron by ``factor = 1/2``, which its ``Kron.__mul__`` spreads as ``√(1/2)``
+    over both factors. The blocks ``A ⊗ B`` agree.
+    """
+    BackPackGGN = pytest.importorskip("laplace.curvature").BackPackGGN
+    model, x, y = Case("tanh_mlp", likelihood).build()
+    _, K = curvop.TorchGGN(model, likelihood).kron(x, y, N=10)
+    _, L = BackPackGGN(copy.deepcopy(model), likelihood).kron(x, y, N=10)
+    ratio = 1.0 if likelihood == "classification" else math.sqrt(2)
+    assert [len(b) for b in L.kfacs] == list(K.layout)
+    for ours, theirs in zip(K.kfacs, L.kfacs):
+        if len(ours) == 1:
+            torch.testing.assert_close(ours[0], theirs[0], **TOL)
+        else:
+            torch.testing.assert_close(ratio * ours[0], theirs[0], **TOL)
+            torch.testing.assert_close(ours[1] / ratio, theirs[1], **TOL)
+
+
+# --- layers without a Kronecker form ----------------------------------------------------------
+
+
+def _embedding_model():
+    return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+
+
+def _circular_model():
+    return nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 3, padding=1,
+                                                              padding_mode="circular"),
+                         nn.Flatten(), nn.Linear(32, 3))
+
+
+UNHANDLED = {
+    # name: (model, x, expected pieces of the message)
+    "layernorm": (lambda: Case("layernorm_mlp", "classification").build()[0], (16,),
+                  ["'1' (LayerNorm; weight, bias)"]),
+    "batchnorm": (lambda: Case("batchnorm_mlp", "classification").build()[0], (16,),
+                  ["'1' (BatchNorm1d; weight, bias)"]),
+    "two_path": (lambda: Case("two_path", "classification").build()[0], (16,),
+                 ["the model itself (TwoPath; scale)"]),
+    "embedding": (lambda: register(_embedding_model().to(DT)), None, ["'0' (Embedding; weight)"]),
+    "reused": (lambda: register(Reused().to(DT)), (6,),
+               ["'lin' (Linear; weight, bias)", "outside its own forward"]),
+    "twice": (lambda: register(Twice().to(DT)), (6,), ["'lin' (Linear; weight, bias)",
+                                                        "called 2 times"]),
+    "circular": (lambda: register(_circular_model().to(DT)), (16,),
+                 ["'1' (Conv2d; weight, bias)", "padding_mode='circular'"]),
+}
+
+
+def _unhandled_case(key):
+    factory, shape, pieces = UNHANDLED[key]
+    torch.manual_seed(0)
+    model = factory()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 10, (5, 3), generator=g) if shape is None else \
+        torch.randn(5, *shape, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=g)
+    return model, x, y, pieces
+
+
+@pytest.mark.parametrize("key", list(UNHANDLED))
+def test_layers_without_kronecker_form_raise_naming_the_module(key):
+    model, x, y, pieces = _unhandled_case(key)
+    for cls in (curvop.TorchGGN, curvop.TorchEF):
+        with pytest.raises(NotSupportedError) as err:
+            cls(model, "classification").kron(x, y, N=5)
+        msg = str(err.value)
+        assert all(p in msg for p in pieces), msg
+        assert "fallback='diag'" in msg and "fallback='full'" in msg and ".diag" in msg
+
+
+@pytest.mark.parametrize("key", ["layernorm", "two_path", "embedding", "reused", "twice"])
+def test_fallbacks_are_the_exact_diagonal_and_dense_blocks(key):
+    model, x, y, _ = _unhandled_case(key)
+    G = ref.ggn(model, x, y, "classification")
+    E = ref.ef(model, x, y, "classification")
+    sizes = param_sizes(model)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    handled = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handled_ids = {id(p) for m in handled for p in m.parameters(recurse=False)}
+    if key in ("reused", "twice"):
+        handled_ids -= {id(p) for p in model.lin.parameters()}
+    params = ref.selected_params(model, False)
+    for cls, H in ((curvop.TorchGGN, G), (curvop.TorchEF, E)):
+        iface = cls(model, "classification")
+        Kd = iface.kron(x, y, N=5, fallback="diag")[1]
+        Kf = iface.kron(x, y, N=5, fallback="full")[1]
+        assert Kd.block_sizes == Kf.block_sizes == tuple(sizes)
+        for i, (p, s, e) in enumerate(zip(params, starts[:-1], starts[1:])):
+            if id(p) in handled_ids:  # the same Kronecker factors either way
+                for F, F2 in zip(Kd.kfacs[i], Kf.kfacs[i]):
+                    assert torch.equal(F, F2)
+                continue
+            torch.testing.assert_close(Kd.kfacs[i][0], torch.diag(H[s:e, s:e].diagonal()), **TOL)
+            torch.testing.assert_close(Kf.kfacs[i][0], H[s:e, s:e], **TOL)
+
+
+# --- selections and options ---------------------------------------------------------------
+
+
+def test_subnetwork_of_whole_tensors_is_those_blocks_and_a_split_tensor_raises():
+    model, x, y = Case("tanh_mlp", "classification").build()
+    sizes = param_sizes(model)
+    start = sum(sizes[:2])
+    idx = torch.arange(start, start + sizes[2] + sizes[3])  # the second Linear, weight and bias
+    full = curvop.TorchGGN(model, "classification").kron(x, y, N=6)[1].kfacs
+    sub = curvop.TorchGGN(model, "classification", subnetwork_indices=idx).kron(x, y, N=6)[1]
+    assert_kfacs(sub.kfacs, full[2:4])
+    for bad in (idx[:-1], idx.flip(0)):
+        with pytest.raises(NotSupportedError, match="subnetwork"):
+            curvop.TorchGGN(model, "classification", subnetwork_indices=bad).kron(x, y, N=6)
+
+
+def test_options_are_validated():
+    model, x, y = Case("tanh_mlp", "classification").build()
+    iface = curvop.TorchGGN(model, "classification")
+    with pytest.raises(InputError, match="`approx` must be 'expand' or 'reduce'; got 'mean'"):
+        iface.kron(x, y, N=6, approx="mean")
+    with pytest.raises(InputError, match="`fallback`"):
+        iface.kron(x, y, N=6, fallback="dense")
+    with pytest.raises(InputTypeError, match="`fallback`"):
+        iface.kron(x, y, N=6, fallback=True)
+    with pytest.raises(InputTypeError, match="unexpected keyword arguments \\['damping'\\]"):
+        curvop.TorchEF(model, "classification").kron(x, y, N=6, damping=1.0)
+    with pytest.raises(InputError, match="`N`"):
+        iface.kron(x, y, N=0)
+
+
+def test_invalid_options_leave_the_mc_generator_alone():
+    model, x, y = Case("tanh_mlp", "classification").build()
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    iface = curvop.TorchGGN(model, "classification", stochastic=True, generator=gen)
+    with pytest.raises(InputError):
+        iface.kron(x, y, N=6, approx="mean")
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_kron_result_is_symmetric_psd_on_the_models_dtype():
+    model, x, y = build("cnn")
+    _, K = curvop.TorchGGN(model, "classification").kron(x, y, N=6)
+    D = K.to_dense()
+    assert D.dtype == DT and torch.equal(D, D.T)
+    assert torch.linalg.eigvalsh(D).min() > -1e-12
