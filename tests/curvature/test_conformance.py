@@ -11,7 +11,7 @@ from curvop.errors import NotSupportedError
 
 import reference as ref
 from cases import cases
-from registry import BACKENDS, backend_ids
+from registry import BACKENDS, backend_ids, backend_kinds
 
 CASES = cases(dtypes=(torch.float64, torch.float32))
 OPTIONS = {"all": {}, "last_layer": {"last_layer": True}, "subnet": {"subnet": True}}
@@ -88,12 +88,9 @@ def _close(actual, expected, case):
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("kind", ["ggn", "ef", "hessian"])
-@pytest.mark.parametrize("backend", backend_ids())
+@pytest.mark.parametrize("backend,kind", backend_kinds())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_full_and_diag(case, backend, kind, option):
-    if kind not in BACKENDS[backend]:
-        pytest.skip(f"{backend} has no {kind} class by SPEC")
     model, x, y, iface, last_layer, idx = _setup(case, backend, kind, option)
     full_fails = unsupported(backend, case.model_name, option, f"{kind}.full")
     diag_fails = unsupported(backend, case.model_name, option, f"{kind}.diag")
@@ -109,6 +106,11 @@ def test_full_and_diag(case, backend, kind, option):
         _close(H, H_ref, case)
         torch.testing.assert_close(loss, ref.loss(model, x, y, case.likelihood))
         assert torch.allclose(H, H.T, **case.tol())
+        if "_full_operator" in type(iface).supports:
+            _, op = iface.full_operator(x, y)
+            _close(op.to_dense(), H_ref, case)
+            v = torch.ones(H_ref.shape[0], dtype=case.dtype, device=x.device)
+            _close(op @ v, H_ref.to(case.dtype) @ v, case)
     if not diag_fails:
         loss, h = iface.diag(x, y)
         _close(h, H_ref.diagonal(), case)
