@@ -33,6 +33,10 @@ set factor-wise with :meth:`curvop.Kron.accumulate` gives the data-set KFAC
 are BackPACK's. For convolutions BackPACK's factors are :math:`(\sum_{k,n} \hat g \hat g^\top)
 \otimes (\frac1N \sum_{n,t} a a^\top)` with :math:`\hat g = \sum_t g`: the ``reduce`` output
 side with ``T`` times the ``expand`` input side, neither of the two approximations here.
+curvlinops' ``KFACLinearOperator`` (``separate_weight_and_bias=True``) has the same weight
+blocks in both modes (for ``groups == 1``); its ``expand`` bias block treats positions as data,
+:math:`\sum_{k,n,t} g g^\top`, where the bias here keeps its exact block; for grouped
+convolutions it averages the inputs over groups into one ``A ⊗ B`` instead of one block per group.
 
 **Layout.** Blocks follow parameter order and each parameter's row-major layout: a weight
 `(O, I)` (a convolution's `(O, C_in/G, *kernel)`) is ``[A, B]`` with ``A`` `(O, O)` and ``B``

@@ -311,16 +311,15 @@ def test_expand_and_reduce_agree_without_weight_sharing_only():
     assert not torch.allclose(expand[0], reduce[0]) and not torch.allclose(expand[1], reduce[1])
 
 
-@pytest.mark.parametrize("name", ["cnn", "seq"])
-def test_batches_accumulate_to_the_full_batch(name):
+@pytest.mark.parametrize("name, cls", [("cnn", curvop.TorchGGN), ("seq", curvop.TorchEF)])
+def test_batches_accumulate_to_the_full_batch(name, cls):
     model, x, y = build(name, batch=7)
-    for cls in (curvop.TorchGGN, curvop.TorchEF):
-        iface = cls(model, "classification")
-        for approx in ("expand", "reduce"):
-            full = iface.kron(x, y, N=20, approx=approx)[1]
-            parts = [iface.kron(x[s], y[s], N=20, approx=approx)[1]
-                     for s in (slice(0, 3), slice(3, 7))]
-            assert_kfacs(parts[0].accumulate(parts[1]).kfacs, full.kfacs)
+    iface = cls(model, "classification")
+    for approx in ("expand", "reduce"):
+        full = iface.kron(x, y, N=20, approx=approx)[1]
+        parts = [iface.kron(x[s], y[s], N=20, approx=approx)[1]
+                 for s in (slice(0, 3), slice(3, 7))]
+        assert_kfacs(parts[0].accumulate(parts[1]).kfacs, full.kfacs)
 
 
 def test_chunked_samples_give_the_same_factors():
@@ -352,6 +351,52 @@ def test_matches_laplace_torch_backpack_kflr_on_an_mlp(likelihood):
         else:
             torch.testing.assert_close(ratio * ours[0], theirs[0], **TOL)
             torch.testing.assert_close(ours[1] / ratio, theirs[1], **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_laplace_torch_backpack_convolution_factors_are_as_documented():
+    """BackPACK's conv KFLR: our `reduce` output side ⊗ T times our `expand` input side."""
+    BackPackGGN = pytest.importorskip("laplace.curvature").BackPackGGN
+    model, x, y = build("cnn")
+    model = register(nn.Sequential(model[0], model[1], nn.Flatten(), nn.Linear(36, 3)).to(DT))
+    _, L = BackPackGGN(copy.deepcopy(model), "classification").kron(x, y, N=10)
+    iface = curvop.TorchGGN(model, "classification")
+    expand, reduce = (iface.kron(x, y, N=10, approx=a)[1].kfacs for a in ("expand", "reduce"))
+    T = 9  # output positions of the convolution
+    torch.testing.assert_close(L.kfacs[0][0], reduce[0][0], **TOL)
+    torch.testing.assert_close(L.kfacs[0][1], T * expand[0][1], **TOL)
+    for i in (1, 2, 3):  # the bias and the Linear: identical
+        for F, G in zip(L.kfacs[i], expand[i]):
+            torch.testing.assert_close(F, G, **TOL)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["conv", "seq"])
+def test_weight_blocks_match_curvlinops(name, approx):
+    """curvlinops' KFAC has the same weight blocks; its `expand` bias differs (documented).
+
+    curvlinops' expand bias block is Σ_{k,n,t} g gᵀ (positions as data); ours is the exact
+    bias block, which is curvlinops' reduce bias block in both modes.
+    """
+    KFACLinearOperator = pytest.importorskip("curvlinops").KFACLinearOperator
+    model, x, y = build("cnn" if name == "conv" else name)
+    if name == "conv":  # curvlinops averages grouped inputs: keep the groups=1 convolution
+        model = register(nn.Sequential(model[0], model[1], nn.Flatten(), nn.Linear(36, 3)).to(DT))
+    _, K = curvop.TorchGGN(model, "classification").kron(x, y, N=6, approx=approx)
+    params = list(model.parameters())
+
+    def dense(kfac_approx):
+        op = KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)],
+                                fisher_type="type-2", kfac_approx=kfac_approx,
+                                separate_weight_and_bias=True, check_deterministic=False)
+        return torch.as_tensor(op @ torch.eye(op.shape[0], dtype=DT))
+
+    theirs, theirs_reduce = dense(approx), dense("reduce")
+    ours = K.to_dense()
+    starts = [0, *torch.tensor(param_sizes(model)).cumsum(0).tolist()]
+    for p, s, e in zip(params, starts[:-1], starts[1:]):
+        expected = theirs if p.dim() > 1 else theirs_reduce
+        torch.testing.assert_close(ours[s:e, s:e], expected[s:e, s:e], **TOL)
 
 
 # --- layers without a Kronecker form ----------------------------------------------------------
