@@ -124,3 +124,21 @@ def test_mc_fisher_converges_heavy(likelihood):
     approx = cls(model, likelihood, stochastic=True, num_samples=200000, generator=g)
     err = (approx.diag(x, y)[1] - exact).norm() / exact.norm()
     assert err < 0.01, err
+
+
+@pytest.mark.parametrize("case", cases(dtypes=(torch.float64,)), ids=lambda c: c.id)
+def test_mc_fisher_equals_reference_with_the_same_samples(case):
+    """MC Fisher = Σ_n J_nᵀ S̃_n S̃_nᵀ J_n with S̃ the labels the generator draws: checked by
+    drawing the same samples again from a generator with the same seed."""
+    model, x, y = case.build()
+    cls = BACKENDS["torch"]["ggn"]
+    for option in ({}, {"last_layer": True}):
+        iface = cls(model, case.likelihood, stochastic=True, num_samples=3,
+                    generator=torch.Generator().manual_seed(11), **option)
+        J, f = ref.jacobians(model, x, option.get("last_layer", False))
+        S = iface._likelihood.sampled_sqrt_output_hessian(f, 3, torch.Generator().manual_seed(11))
+        H_ref = torch.einsum("bcp,bck,bdk,bdq->pq", J, S, S, J)
+        torch.testing.assert_close(iface.full(x, y)[1], H_ref, rtol=1e-10, atol=1e-12)
+        iface.generator.manual_seed(11)
+        torch.testing.assert_close(iface.diag(x, y)[1], H_ref.diagonal(), rtol=1e-10,
+                                   atol=1e-12)

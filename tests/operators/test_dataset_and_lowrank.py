@@ -138,3 +138,10 @@ def test_case_models_eig_lowrank_cnn():
     H = sum(ref.ggn(model, a, b, "classification") for a, b in loader)
     _, lam, _ = iface.eig_lowrank(loader)
     torch.testing.assert_close(lam, torch.linalg.eigvalsh(H).flip(0)[:3], rtol=1e-8, atol=0)
+
+
+def test_asdl_hessian_eig_lowrank():
+    model, X, Y, loader = _problem()
+    H = sum(ref.hessian(model, x, y, "classification") for x, y in loader)
+    U, lam, loss = curvop.AsdlHessian(model, "classification", low_rank=4).eig_lowrank(loader)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(H).flip(0)[:4], rtol=1e-8, atol=0)
