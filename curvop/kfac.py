@@ -45,6 +45,10 @@ convolutions it averages the inputs over groups into one ``A ⊗ B`` instead of 
 contiguous in the flattened weight; cross-group terms are dropped like cross-layer ones), so the
 Kron then has more blocks than the model has parameter tensors; a bias is ``[C]``.
 
+Every factor is a sum of products ``Xᵀ X`` (positive semi-definite), made exactly symmetric
+up to ``2**22`` entries; larger ones are left symmetric to rounding, because on CPU the
+transposed copy that symmetrises them costs more than forming them.
+
 **Other layers.** Parameters that no Linear/Conv tap covers (LayerNorm, BatchNorm, Embedding,
 a module's own parameters, a layer called twice or whose weight is also used elsewhere) have no
 Kronecker form: by default :class:`~curvop.errors.NotSupportedError` names every such module;
@@ -131,7 +135,8 @@ def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
     a, g = t.a, t.g  # (n, G, T, I), (K, n, G, T, O)
     K, n, G, T, d_out = g.shape
     s.T = T
-    g_sum = g.sum(3)  # (K, n, G, O): the reduce output side and the bias gradient
+    if approx == "reduce" or t.has_bias:  # (K, n, G, O): reduce output side, bias gradient
+        g_sum = g[:, :, :, 0] if T == 1 else g.sum(3)
     if t.has_weight:
         if approx == "expand":
             gg = g.permute(2, 0, 1, 3, 4).reshape(G, K * n * T, d_out)
@@ -146,8 +151,13 @@ def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
         s.C = _add(s.C, gb.T @ gb)
 
 
+#: largest factor (entries) that is symmetrised exactly
+_SYMMETRISE_MAX = 1 << 22
+
+
 def _sym(F: Tensor) -> Tensor:
-    return (F + F.mT) / 2
+    """``(F + Fᵀ) / 2`` for factors up to ``_SYMMETRISE_MAX`` entries; larger ones as they are."""
+    return (F + F.mT) / 2 if F.numel() <= _SYMMETRISE_MAX else F
 
 
 def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[Tensor]]]:
