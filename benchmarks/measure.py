@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["fork_context", "measure_entry", "other_load", "run_isolated", "time_thunk"]
+__all__ = ["RESULT_DEFAULTS", "fork_context", "measure_entry", "other_load", "run_isolated",
+           "time_thunk"]
+
+RESULT_DEFAULTS: dict[str, Any] = {
+    "status": "error", "median_ms": None, "times_ms": [], "warmup_ms": None, "peak_mem_mb": None,
+    "peak_mem_reset": None, "error": None, "other_cpu_load": None,
+}
+"""Every result dict has these keys (timeouts and crashes fill in the defaults)."""
 
 _MiB = 2**20
 
@@ -342,6 +349,8 @@ def run_isolated(
             proc.kill()
         proc.join()
         recv.close()
+    for key, default in RESULT_DEFAULTS.items():
+        result.setdefault(key, default)
     result.setdefault("entry", kwargs["entry"])
     result["wall_s"] = time.perf_counter() - t0
     return result

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import signal
 import sys
 import time
@@ -29,7 +30,13 @@ from typing import Any
 import torch
 
 from benchmarks.competitors import ENTRIES, LIBRARY_MODULES, REFERENCE, TASKS
-from benchmarks.measure import fork_context, measure_entry, other_load, run_isolated
+from benchmarks.measure import (
+    RESULT_DEFAULTS,
+    fork_context,
+    measure_entry,
+    other_load,
+    run_isolated,
+)
 from benchmarks.problems import DEFAULT_PROBLEMS, PROBLEMS, make_problem
 from benchmarks.report import machine_info, write_readme
 
@@ -59,16 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float,
                     help="seconds of timed calls per entry; slow entries repeat less "
                          "(3; quick 0.5)")
-    ap.add_argument("--timeout", type=float, help="seconds per entry before kill (60; quick 30)")
+    ap.add_argument("--timeout", type=float, help="seconds per entry before kill (120; quick 30)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads in every child (default: torch's default here)")
     ap.add_argument("--dense-gb", type=float, default=2.0,
                     help="skip entries whose dense result would exceed this many GiB")
-    ap.add_argument("--busy", type=float, default=0.5, metavar="CORES",
+    ap.add_argument("--busy", type=float, metavar="CORES",
                     help="rerun an entry once (after waiting for the host to calm down) if other "
-                         "processes kept more than CORES cores busy while it ran (default 0.5)")
-    ap.add_argument("--idle-wait", type=float, default=20.0, metavar="SECONDS",
+                         "processes kept more than CORES cores busy while it ran (default: the "
+                         "cores this run leaves free + 0.25, at least 0.5)")
+    ap.add_argument("--idle-wait", type=float, default=5.0, metavar="SECONDS",
                     help="longest wait for other processes to go quiet before a rerun")
+    ap.add_argument("--redo-busy", action="store_true",
+                    help="rerun only the entries of the existing result files that were measured "
+                         "on a busy host (see --busy), and merge")
     ap.add_argument("--isolation", default="process", choices=["process", "none"],
                     help="'none' runs entries in this process (debugging; memory not isolated)")
     ap.add_argument("--preload", default="all", choices=["all", "needed"],
@@ -81,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 3.0)
-    args.timeout = args.timeout or (30.0 if args.quick else 60.0)
+    args.timeout = args.timeout or (30.0 if args.quick else 120.0)
+    if args.busy is None:
+        args.busy = max(0.5, (os.cpu_count() or 1) - args.threads + 0.25)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
@@ -106,7 +119,7 @@ def select_entries(tasks: list[str] | None, globs: list[str] | None) -> list[str
 
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Add ``ratio_fwd_bwd`` and ``ratio_curvop`` to each result in place.
+    """Add ``ratio_fwd_bwd`` and ``ratio_curvop`` (and any missing keys) to each result.
 
     ``ratio_fwd_bwd`` is the median time over that of one forward + backward pass;
     ``ratio_curvop`` is the median time over that of the task's curvop reference entry (the
@@ -116,6 +129,9 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     Args:
         results: Result dicts of one problem and device.
     """
+    for r in results:
+        for key, default in RESULT_DEFAULTS.items():
+            r.setdefault(key, default)
     median = {r["entry"]: r.get("median_ms") for r in results}
     base = median.get(BASELINE)
     for r in results:
@@ -162,12 +178,22 @@ def _measure(kwargs: dict[str, Any], args: argparse.Namespace, ctx: Any) -> dict
         return res
     res = run_isolated(kwargs, args.timeout, ctx)
     if (res.get("other_cpu_load") or 0.0) > args.busy:
-        _wait_idle(args.busy / 2, args.idle_wait)
+        if _wait_idle(args.busy / 2, args.idle_wait) > args.busy:
+            return res  # still busy: a rerun would not be cleaner (--redo-busy later)
         again = run_isolated(kwargs, args.timeout, ctx)
         if (again.get("other_cpu_load") or 0.0) < res["other_cpu_load"]:
             res = again
         res["rerun_busy"] = True
     return res
+
+
+def _busy_entries(path: Path, busy: float) -> list[str]:
+    """Entries of an earlier result file measured while other processes were busy."""
+    if not path.exists():
+        return []
+    results = json.loads(path.read_text()).get("results", [])
+    return [r["entry"] for r in results
+            if (r.get("other_cpu_load") or 0.0) > busy and r["entry"] in ENTRIES]
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -211,18 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         info = make_problem(problem, quick=args.quick, device=args.device).info()
         _wait_idle(args.busy / 2, args.idle_wait)
         print(f"[{problem}] P={info['num_params']} B={info['batch_size']}", flush=True)
+        path = _json_path(args.out, problem, args.device, args.quick)
+        todo = _busy_entries(path, args.busy) if args.redo_busy else names
         results = []
-        for name in names:
+        for name in todo:
             kwargs = dict(problem=problem, entry=name, device=args.device, quick=args.quick,
                           repeats=args.repeats, budget_s=args.budget, threads=args.threads,
                           dense_gb=args.dense_gb, check=args.check)
             res = _measure(kwargs, args, ctx)
             spec = ENTRIES[name]
-            res.update(entry=name, library=spec.library, task=spec.task, note=spec.note)
+            res.update(entry=name, library=spec.library, task=spec.task, note=spec.note,
+                       commit=machine["commit"])
             results.append(res)
             print(_line(res), flush=True)
-        path = _json_path(args.out, problem, args.device, args.quick)
-        if args.tasks or args.entries:
+        if args.tasks or args.entries or args.redo_busy:
             results = _merge(path, machine, results)
         add_ratios(results)
         payload = {
