@@ -73,6 +73,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,8 +174,9 @@ def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[
 
 
 def _sub_batch(batch: Batch, rows: slice, fm: FunctionalModel | None = None) -> Batch:
-    return Batch(fm or batch.fm, batch.x[rows], None if batch.y is None else batch.y[rows],
-                 batch.f[rows], batch.likelihood, batch.budget)
+    """The samples ``rows`` of ``batch`` (every other field kept), optionally another ``fm``."""
+    return dataclasses.replace(batch, fm=fm or batch.fm, x=batch.x[rows],
+                               y=None if batch.y is None else batch.y[rows], f=batch.f[rows])
 
 
 def _module_label(u: Unhandled, batch: Batch) -> str:
