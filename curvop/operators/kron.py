@@ -198,8 +198,12 @@ class _KronBase(LinearOperator):
                 f"`layout` must list 1 or 2 factors per block and sum to the number of factors "
                 f"({len(factors)}); got {layout}"
             )
-        for i, F in enumerate(factors):
-            _check_factor(F, f"factors[{i}]", factors[0] if i else None)
+        # factors are validated once, where users hand them in (`Kron(kfacs)`): this path is
+        # also linear_operator's rebuild inside every product, which must stay cheap
+        ref = factors[0]
+        if any(F.dtype != ref.dtype or F.device != ref.device or F.dim() != 2 for F in factors):
+            for i, F in enumerate(factors):
+                _check_factor(F, f"factors[{i}]", factors[0] if i else None)
         super().__init__(*factors, layout=layout, **kwargs)
         self._factors = factors
         self._layout = layout
