@@ -1,5 +1,39 @@
-"""Linear algebra on curvature operators that linear_operator, torch and scipy lack."""
+"""Linear algebra on curvature operators that linear_operator, torch and scipy lack.
 
+* exact ``log det`` and solves of ``A + δI`` for many ``δ``: :func:`factorize`,
+  :func:`logdet`, :func:`solve` (data-space dual for GGN/EF, Kronecker eigenbases, diagonal,
+  low rank; stochastic Lanczos quadrature otherwise);
+* Krylov solvers whose tolerance is a checked true residual: :func:`cg`, :func:`minres`, with
+  diagonal and Kronecker preconditioners;
+* estimators with standard errors: :func:`hutchinson_trace`, :func:`hutchinson_diagonal`,
+  :func:`slq_logdet`;
+* spectra: :func:`top_eigenpairs`, :func:`spectral_density`, :func:`plot_spectrum`.
+"""
+
+from curvop.linalg._common import Estimate
 from curvop.linalg.eigen import low_rank_operator, top_eigenpairs
+from curvop.linalg.krylov import KrylovResult, cg, minres
+from curvop.linalg.lanczos import LanczosQuadrature, SLQEstimate, slq_logdet, stochastic_lanczos
+from curvop.linalg.preconditioners import (
+    DiagonalPreconditioner,
+    OperatorPreconditioner,
+    diagonal_preconditioner,
+    kron_preconditioner,
+)
 
-__all__ = ["top_eigenpairs", "low_rank_operator"]
+__all__ = [
+    "cg",
+    "minres",
+    "KrylovResult",
+    "DiagonalPreconditioner",
+    "OperatorPreconditioner",
+    "diagonal_preconditioner",
+    "kron_preconditioner",
+    "slq_logdet",
+    "stochastic_lanczos",
+    "LanczosQuadrature",
+    "SLQEstimate",
+    "Estimate",
+    "top_eigenpairs",
+    "low_rank_operator",
+]

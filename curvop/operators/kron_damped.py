@@ -41,6 +41,8 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator, RootL
 from torch import Tensor
 
 from curvop.errors import InputError, InputTypeError, NotSupportedError
+from curvop.linalg.krylov import _pcg
+from curvop.linalg.lanczos import _slq_correction
 from curvop.operators.kron import (
     Kron,
     _as_column_matrix,
@@ -182,106 +184,6 @@ class DampedKron(_KronBase):
 
     def _scaled(self, c: Tensor) -> DampedKron:
         return DampedKron(*self._scaled_factors(c), layout=self.layout, delta=self._delta * c)
-
-
-# ---------------------------------------------------------------------------- iterative kernels
-def _pcg(matvec, precond, b: Tensor, rtol: float, max_iter: int, where: str) -> Tensor:
-    """Preconditioned CG on the columns of ``b`` `(n, m)`; the true residual is verified.
-
-    Raises:
-        InputError: if the operator is not positive definite or ``max_iter`` is exceeded.
-    """
-    target = rtol * b.norm(dim=0)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    z = precond(r)
-    p, rz = z.clone(), (r * z).sum(0)
-    tiny = torch.finfo(b.dtype).tiny
-    for _ in range(max_iter):
-        done = r.norm(dim=0) <= target
-        if bool(done.all()):
-            r = b - matvec(x)
-            if bool((r.norm(dim=0) <= target).all()):
-                return x
-            z = precond(r)  # restart from the true residual
-            p, rz = z.clone(), (r * z).sum(0)
-            done = r.norm(dim=0) <= target
-        Ap = matvec(p)
-        pAp = (p * Ap).sum(0)
-        if bool(((pAp <= 0) & ~done).any()):
-            raise InputError(f"{where}: K + diag(d) is not positive definite (pᵀMp ≤ 0 in CG)")
-        alpha = torch.where(done, torch.zeros_like(rz), rz / pAp.clamp_min(tiny))
-        x = x + alpha * p
-        r = r - alpha * Ap
-        z = precond(r)
-        rz_new = (r * z).sum(0)
-        beta = torch.where(done, torch.zeros_like(rz), rz_new / rz.clamp_min(tiny))
-        p, rz = z + beta * p, rz_new
-    res = ((b - matvec(x)).norm(dim=0) / b.norm(dim=0).clamp_min(tiny)).max()
-    if bool(res <= rtol):
-        return x
-    raise InputError(
-        f"{where}: CG reached relative residual {float(res):.3g} > rtol={rtol:g} after "
-        f"max_iter={max_iter} iterations; raise `max_iter` or `rtol`, or add more damping"
-    )
-
-
-def _lanczos_quadrature(S, Z: Tensor, max_steps: int, where: str) -> Tensor:
-    """Per probe ``z``: ``zᵀ(log M − M + I)z`` by Lanczos quadrature.
-
-    Lanczos runs without re-orthogonalisation until every Gauss quadrature estimate moves by less
-    than ``1e-10 · n``.
-    """
-    n, s = Z.shape
-    v, v_prev, beta_prev = Z / math.sqrt(n), None, torch.zeros(s, dtype=Z.dtype, device=Z.device)
-    broken = torch.zeros(s, dtype=torch.bool, device=Z.device)
-    alphas, betas, prev = [], [], None
-    for step in range(1, max_steps + 1):
-        w = S(v) if v_prev is None else S(v) - beta_prev * v_prev
-        a = (v * w).sum(0)
-        w = w - a * v
-        b = w.norm(dim=0)
-        alphas.append(torch.where(broken, torch.ones_like(a), a))  # padding: g(1) = 0
-        broken = broken | (b <= 1e-10 * a.abs().clamp_min(1.0))
-        b = torch.where(broken, torch.zeros_like(b), b)
-        if step % 5 == 0 or bool(broken.all()) or step == max_steps:
-            T = torch.diag_embed(torch.stack(alphas, -1))
-            if betas:
-                off = torch.diag_embed(torch.stack(betas, -1), offset=1)
-                T = T + off + off.mT
-            theta, U = torch.linalg.eigh(T)
-            theta = theta.clamp_min(torch.finfo(theta.dtype).tiny)
-            est = n * (U[:, 0, :].pow(2) * (torch.log(theta) - theta + 1)).sum(-1)
-            if bool(broken.all()) or (
-                prev is not None and bool(((est - prev).abs() <= 1e-10 * n).all())
-            ):
-                return est
-            prev = est
-        betas.append(b)
-        v_prev, beta_prev = v, b
-        v = torch.where(broken, torch.zeros_like(w), w / b.clamp_min(1e-300))
-    raise InputError(
-        f"{where}: Lanczos quadrature did not converge in {max_steps} steps; the block is too "
-        "ill-conditioned after preconditioning (add damping or raise `max_iter`)"
-    )
-
-
-def _slq_correction(lanczos_op, n, num_probes: int, seed: int, max_steps: int, where: str, device):
-    """``(mean, standard error)`` of ``tr(log M − M + I)`` over seeded Rademacher probes.
-
-    ``lanczos_op = (S, to_basis)``: ``S`` applies ``M`` in the basis ``to_basis`` maps probes to.
-    Probes come from ``torch.Generator().manual_seed(seed)`` (on the CPU, so results do not
-    depend on the device) in chunks of at most ``2**24`` entries to bound memory.
-    """
-    S, to_basis = lanczos_op
-    gen = torch.Generator().manual_seed(seed)
-    chunk, ests = max(1, min(num_probes, 2**24 // n)), []
-    for start in range(0, num_probes, chunk):
-        m = min(chunk, num_probes - start)
-        Z = torch.randint(0, 2, (n, m), generator=gen, dtype=torch.float64) * 2 - 1
-        ests.append(_lanczos_quadrature(S, to_basis(Z.to(device)), max_steps, where))
-    est = torch.cat(ests)
-    return est.mean(), est.std() / math.sqrt(num_probes)
 
 
 class _EigPrecond:
