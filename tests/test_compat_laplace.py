@@ -25,6 +25,8 @@ from curvop.compat import laplace as cl
 from curvop.curvature.registry import BACKENDS
 from curvop.errors import InputError, InputTypeError, NotSupportedError
 
+from cases import assert_untouched, snapshot
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -295,6 +297,9 @@ def test_low_rank_errors():
                             backend=cl.CurvopHessian)
     with pytest.raises(ValueError, match="Unsupported Laplace combination"):
         cl.Laplace(make_model("regression"), "regression", "last_layer", "lowrank")
+    with pytest.raises(ValueError, match="requires a full or diagonal"):
+        cl.Laplace(make_model("regression"), "regression", "subnetwork", "lowrank",
+                   subnetwork_indices=SUBNET)
     la = cl.LowRankLaplace(make_model("regression"), "regression", backend=cl.CurvopEF)
     with pytest.raises(NotSupportedError, match="low_rank"):
         la.fit(loader("regression"))
@@ -302,6 +307,13 @@ def test_low_rank_errors():
         cl.LowRankLaplace(make_model("regression"), "regression", backend=BackPackGGN)
     with pytest.raises(ValueError, match="does not support updating"):
         la.fit(loader("regression"), override=False)
+    X, y, _ = data("regression")
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=5, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+    la = cl.LowRankLaplace(make_model("regression"), "regression",
+                           backend_kwargs={"low_rank": 3})
+    with pytest.raises(InputError, match="shuffle=False"):  # eig_lowrank streams it repeatedly
+        la.fit(shuffled)
 
 
 # --------------------------------------------------------------------------- workflows
@@ -317,6 +329,22 @@ def test_marglik_prior_optimisation_matches(likelihood, subset, structure, prior
                                     prior_structure=prior_structure)
         results.append((la.prior_precision.detach(), la.log_marginal_likelihood().detach()))
     torch.testing.assert_close(*results, rtol=RTOL, atol=1e-9)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_frozen_parameters_match_laplace_torch(structure):
+    """Frozen weights (laplace refuses BackPACK for them; its default backend works)."""
+    results = []
+    for backend in (cl.CurvopGGN, laplace.curvature.CurvlinopsGGN):
+        model = make_model("classification")
+        model[0].weight.requires_grad_(False)
+        la = laplace.Laplace(model, "classification", subset_of_weights="all",
+                             hessian_structure=structure, backend=backend,
+                             prior_precision=PRIOR_PRECISION)
+        la.fit(loader("classification"))
+        assert la.n_params == 38 - 15
+        results.append(summary(la))
+    assert_same(*results)
 
 
 def test_default_backend_of_laplace_wrapper_is_curvop():
@@ -341,6 +369,23 @@ def test_stochastic_backend_kwargs_reach_curvop():
     assert not torch.allclose(runs[0], exact)
 
 
+@pytest.mark.parametrize("backend, structure", [
+    (cl.CurvopGGN, "kron"), (cl.CurvopBackPackGGN, "kron"), (cl.CurvopBackPackGGN, "diag"),
+    (cl.CurvopAsdlGGN, "kron"), (cl.CurvopBackPackEF, "full"),
+], ids=lambda v: getattr(v, "__name__", v))
+def test_user_model_is_left_as_laplace_itself_leaves_it(backend, structure):
+    """No hooks, attributes, gradients or state of curvop's (or BackPACK's/ASDL's) remain."""
+    model = make_model("classification")
+    model.output_size = OUTPUTS["classification"]  # what laplace's fit sets itself
+    model.eval()
+    before = snapshot(model)
+    la = laplace.Laplace(model, "classification", subset_of_weights="all",
+                         hessian_structure=structure, backend=backend)
+    la.fit(loader("classification"))
+    la(data("classification")[2], pred_type="glm")
+    assert_untouched(model, before)
+
+
 # --------------------------------------------------------------------------- errors
 def test_errors_are_clear():
     X, y, _ = data("classification")
@@ -359,6 +404,8 @@ def test_errors_are_clear():
         backend.diag(X, y, approx="expand")
     with pytest.raises(ValueError, match="likelihood"):
         cl.CurvopGGN(make_model("classification"), "poisson")
+    with pytest.raises(TypeError, match="CurvopGGN"):
+        cl.CurvopBackend(make_model("classification"), "classification")
     with pytest.raises(AttributeError, match="stochastic"):
         assert cl.CurvopEF(make_model("classification"), "classification").stochastic
     fe = laplace.utils.FeatureExtractor(make_model("classification"))
@@ -368,6 +415,14 @@ def test_errors_are_clear():
                                         feature_reduction="average")
     with pytest.raises(NotSupportedError, match="feature_reduction"):
         cl.CurvopGGN(fe, "classification", last_layer=True)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_gp_structure_admits_only_laplace_backends(subset):
+    """laplace-torch's FunctionalLaplace asserts its backend is one of its own three GGNs."""
+    with pytest.raises(AssertionError):
+        laplace.Laplace(make_model("regression"), "regression", subset, "gp",
+                        backend=cl.CurvopGGN, n_subset=12)
 
 
 def test_kron_layout_laplace_cannot_hold_is_refused():

@@ -187,7 +187,8 @@ class CurvopBackend(LaplaceCurvatureInterface):
         model: The model as laplace-torch passed it.
 
     Raises:
-        InputError, InputTypeError: From curvop's validation of the arguments.
+        InputError, InputTypeError: From curvop's validation of the arguments;
+            InputTypeError also when this base class is instantiated itself.
         NotSupportedError: For a laplace-torch ``FeatureExtractor`` with feature reduction.
     """
 
@@ -197,6 +198,9 @@ class CurvopBackend(LaplaceCurvatureInterface):
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, dict_key_x: str = "input_ids",
                  dict_key_y: str = "labels", **kwargs: Any) -> None:
+        if not hasattr(type(self), "curvop_class"):
+            raise InputTypeError("CurvopBackend is the base class; pass a generated backend "
+                                 f"such as CurvopGGN: {sorted(_NAMES)}")
         # laplace-torch's __init__ is not called: curvop validates the arguments and owns them
         self.model = model
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
@@ -332,8 +336,8 @@ LAPLACE_BACKENDS: dict[str, dict[str, type[CurvopBackend]]] = {
     backend: {kind: _backend_class(cls, kind) for kind, cls in kinds.items()}
     for backend, kinds in BACKENDS.items()
 }
-globals().update({cls.__name__: cls for kinds in LAPLACE_BACKENDS.values()
-                  for cls in kinds.values()})
+_NAMES = {cls.__name__: cls for kinds in LAPLACE_BACKENDS.values() for cls in kinds.values()}
+globals().update(_NAMES)
 
 
 class LowRankLaplace(_laplace.LowRankLaplace):
@@ -343,8 +347,12 @@ class LowRankLaplace(_laplace.LowRankLaplace):
     package is importable; this subclass only drops that check and defaults to
     ``CurvopHessian``. Everything else (fit, predictive, marginal likelihood) is laplace-torch's.
 
+    ``fit(train_loader)`` passes the loader to curvop's ``eig_lowrank``, which streams it several
+    times: it must yield the same batches in the same order on every pass (``shuffle=False``).
+
     Raises:
         NotSupportedError: If ``backend`` has no ``eig_lowrank``.
+        InputError: From ``fit``, if the loader changes between passes (e.g. it shuffles).
     """
 
     # not a (subset, structure) pair: laplace.Laplace() never picks this class by accident
@@ -387,4 +395,4 @@ def Laplace(model: nn.Module, likelihood: str, subset_of_weights: str = "last_la
 
 __all__ = ["CurvopBackend", "LAPLACE_BACKENDS", "LAPLACE_BASES", "FACTOR_POWER", "Laplace",
            "LowRankLaplace", "to_laplace_kron",
-           *(cls.__name__ for kinds in LAPLACE_BACKENDS.values() for cls in kinds.values())]
+           *_NAMES]
