@@ -6,8 +6,9 @@ Each checker names the argument, what was expected and what came. They raise the
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,10 @@ __all__ = [
     "check_inputs",
     "check_targets",
     "check_outputs",
+    "check_sequence_targets",
+    "check_ignore_index",
+    "check_deterministic",
+    "forbid_randomness",
     "check_finite_parameters",
     "check_no_batch_coupling",
     "check_subnetwork_indices",
@@ -93,15 +98,22 @@ def check_inputs(x: object, device: torch.device | None = None) -> Tensor:
     return x
 
 
-def check_outputs(f: Tensor, likelihood: Likelihood) -> None:
-    """Check the model's outputs have shape `(B, C)` and are finite.
+def check_outputs(f: Tensor, likelihood: Likelihood, sequence: bool = False) -> None:
+    """Check the model's outputs have shape `(B, C)` (or `(B, T, C)`) and are finite.
+
+    Args:
+        f: The outputs.
+        likelihood: For the message.
+        sequence: Accept token-level outputs `(B, T, C)` too.
 
     Raises:
-        InputError: If the output is not 2-D or not finite.
+        InputError: If the output has another rank or is not finite.
     """
-    if f.dim() != 2:
+    if f.dim() != 2 and not (sequence and f.dim() == 3):
+        expected = ("(batch, outputs) or, token-level, (batch, seq, outputs)" if sequence
+                    else "(batch, outputs)")
         raise InputError(
-            f"the model's output must have shape (batch, outputs); got {tuple(f.shape)} "
+            f"the model's output must have shape {expected}; got {tuple(f.shape)} "
             f"(for {likelihood.value})"
         )
     if not torch.isfinite(f).all():
@@ -150,6 +162,119 @@ def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Like
     if not torch.isfinite(y).all():
         raise InputError("`y` holds non-finite values (nan or inf)")
     return y
+
+
+def check_sequence_targets(y: object, batch_size: int, tokens: int, num_outputs: int,
+                           likelihood: Likelihood, ignore_index: int) -> Tensor:
+    """Check the targets of token-level outputs `(B, T, C)`.
+
+    Classification wants integer labels `(B, T)`, each in ``[0, C)`` or equal to
+    ``ignore_index`` (a token that does not count); regression wants finite floats
+    `(B, T, C)` (`(B, T)` when ``C == 1``), returned flattened to `(B, T·C)` like the outputs.
+
+    Raises:
+        InputTypeError: If ``y`` is not a tensor or has the wrong dtype kind.
+        InputError: If its batch size, shape, range or finiteness is wrong.
+    """
+    if not isinstance(y, Tensor):
+        raise InputTypeError(f"`y` must be a torch.Tensor; got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != batch_size:
+        got = "a scalar" if y.dim() == 0 else f"batch size {y.shape[0]}"
+        raise InputError(f"`x` and `y` must have the same batch size; `x` has {batch_size}, "
+                         f"`y` has {got}")
+    if likelihood is Likelihood.CLASSIFICATION:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise InputTypeError(
+                f"`y` must hold integer class labels for classification; got dtype {y.dtype}")
+        if tuple(y.shape) != (batch_size, tokens):
+            raise InputError(
+                f"`y` must have shape {(batch_size, tokens)} (batch, seq) for token-level "
+                f"classification of outputs (batch, seq, classes); got {tuple(y.shape)}")
+        bad = ((y < 0) | (y >= num_outputs)) & (y != ignore_index)
+        if bad.any():
+            raise InputError(
+                f"`y` holds class label {int(y[bad][0])} out of range [0, {num_outputs}) for a "
+                f"model with {num_outputs} classes per token (and not `ignore_index` "
+                f"{ignore_index})")
+        return y.long()
+    if not y.is_floating_point():
+        raise InputTypeError(f"`y` must be a floating tensor for regression; got {y.dtype}")
+    if y.dim() == 2 and num_outputs == 1:
+        y = y.unsqueeze(-1)
+    if tuple(y.shape) != (batch_size, tokens, num_outputs):
+        raise InputError(f"`y` must have shape {(batch_size, tokens, num_outputs)} like the "
+                         f"model's output for regression; got {tuple(y.shape)}")
+    if not torch.isfinite(y).all():
+        raise InputError("`y` holds non-finite values (nan or inf)")
+    return y.flatten(1)
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    """Check ``ignore_index`` is an ``int`` (not a bool).
+
+    Raises:
+        InputTypeError: If it is not.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise InputTypeError(
+            f"`ignore_index` must be an int (the label of tokens that do not count); got "
+            f"{type(ignore_index).__name__}")
+    return ignore_index
+
+
+def _dropout_p(module: nn.Module) -> float:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    if isinstance(module, nn.MultiheadAttention):
+        return float(module.dropout)
+    return 0.0
+
+
+def check_deterministic(model: nn.Module) -> None:
+    """Raise for dropout that is active (a module in training mode with ``p > 0``).
+
+    With active dropout every evaluation of the model is a different random function, so a
+    curvature (and the consistency between the products of one operator) is meaningless.
+    Dropout in eval mode, or with ``p = 0`` in training mode, is fine. Randomness this static
+    check cannot see (``F.dropout`` in a custom ``forward``) is caught by
+    :func:`forbid_randomness` around the first forward.
+
+    Raises:
+        NotSupportedError: Naming the modules and the fix.
+    """
+    active = [f"{name or 'the model'} ({type(m).__name__}, p={_dropout_p(m)})"
+              for name, m in model.named_modules() if m.training and _dropout_p(m) > 0]
+    if active:
+        shown = ", ".join(active[:4]) + (f" and {len(active) - 4} more" if len(active) > 4
+                                          else "")
+        raise NotSupportedError(
+            f"dropout is active in training mode in {shown}: every forward pass would draw new "
+            "masks, so the curvature would be random; call `model.eval()` (or set the dropout "
+            "probabilities to 0) first")
+
+
+@contextlib.contextmanager
+def forbid_randomness(device: torch.device) -> Iterator[None]:
+    """Raise if the body draws from torch's global generator (CPU, or ``device``'s on CUDA).
+
+    The generators' states are restored on exit either way, so a check never consumes the
+    user's random numbers.
+
+    Raises:
+        NotSupportedError: If the body drew random numbers (dropout in a custom ``forward``).
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        before = torch.get_rng_state()
+        before_cuda = [torch.cuda.get_rng_state(d) for d in devices]
+        yield
+        drew = not torch.equal(before, torch.get_rng_state()) or any(
+            not torch.equal(b, torch.cuda.get_rng_state(d)) for b, d in zip(before_cuda, devices))
+    if drew:
+        raise NotSupportedError(
+            "the model's forward draws random numbers (dropout or noise active in training "
+            "mode?), so the curvature would be random; call `model.eval()` or make the forward "
+            "deterministic first")
 
 
 def check_no_batch_coupling(model: nn.Module) -> None:

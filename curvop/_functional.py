@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from curvop.likelihoods import Likelihood
+from curvop._kernels import differentiable_kernels, has_rnn
+from curvop.likelihoods import Likelihood, TokenClassification
 from curvop.params import ParameterSelection
 
 __all__ = ["FunctionalModel", "Batch", "chunk_size"]
@@ -47,26 +48,44 @@ class FunctionalModel:
         for _, m in module.named_modules(remove_duplicate=False):
             seen[id(m)] = seen.get(id(m), 0) + 1
         self._shared = [m for m in module.modules() if seen[id(m)] > 1]
+        self._rnn = has_rnn(module)
 
     def __call__(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
-        """Output `(B, C)` of the module at parameters ``theta`` on inputs ``x``."""
+        """Output `(B, C)` of the module at parameters ``theta`` on inputs ``x``.
+
+        Token-level outputs `(B, T, C)` come flattened to `(B, T·C)` (token-major): every
+        per-sample primitive then sees one output vector per sequence.
+        """
+        f = self.forward(theta, x)
+        return f.flatten(1) if f.dim() > 2 else f
+
+    def forward(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The module's output as it returns it (`(B, C)` or `(B, T, C)`).
+
+        Every evaluation of the model runs here, inside
+        :func:`~curvop._kernels.differentiable_kernels`: fused kernels without the derivatives
+        curvop takes (fused attention, the MHA fast path, cuDNN RNNs) are swapped for composite
+        ones, and the user's settings are restored on return.
+        """
         params = dict(self.fixed)
         params.update(zip(self.selection.names, theta))
-        if not self._shared:
-            return functional_call(self.module, params, (x,))
-        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._shared]
-        try:
-            return functional_call(self.module, params, (x,))
-        finally:
-            for m, ps, bs in saved:
-                m._parameters.update(ps)
-                m._buffers.update(bs)
+        with differentiable_kernels(self._rnn):
+            if not self._shared:
+                return functional_call(self.module, params, (x,))
+            saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._shared]
+            try:
+                return functional_call(self.module, params, (x,))
+            finally:
+                for m, ps, bs in saved:
+                    m._parameters.update(ps)
+                    m._buffers.update(bs)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None
            ) -> FunctionalModel:
         """A copy whose fixed tensors are cast (floating ones only); the module is shared."""
         new = object.__new__(FunctionalModel)
         new.module, new.selection, new._shared = self.module, self.selection, self._shared
+        new._rnn = self._rnn
         new.fixed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                      for k, v in self.fixed.items()}
         return new
@@ -90,16 +109,20 @@ class Batch:
         x: The module's inputs (the features ``phi`` for last-layer curvature), `(B, ...)`.
         y: Validated targets or ``None``.
         f: Outputs `(B, C)`, computed once without graph.
-        likelihood: The likelihood.
+        likelihood: The likelihood (:class:`~curvop.likelihoods.TokenClassification` for
+            token-level classification).
         budget: Working-memory budget in bytes for chunked computations.
+        event_shape: The model's output shape per sample when it is not `(C,)` (token-level
+            outputs `(T, C)`: ``f`` and regression targets are then flattened to `(B, T·C)`).
     """
 
     fm: FunctionalModel
     x: Tensor
     y: Tensor | None
     f: Tensor
-    likelihood: Likelihood
+    likelihood: Likelihood | TokenClassification
     budget: int
+    event_shape: tuple[int, ...] | None = None
     theta: Params = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +141,7 @@ class Batch:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return Batch(self.fm.to(dtype, device), cast(self.x), cast(self.y), cast(self.f),
-                     self.likelihood, self.budget)
+                     self.likelihood, self.budget, self.event_shape)
 
     @property
     def sel(self) -> ParameterSelection:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Likelihood"]
+__all__ = ["Likelihood", "TokenClassification"]
 
 
 class Likelihood(enum.Enum):
@@ -63,16 +64,20 @@ class Likelihood(enum.Enum):
         """Loss of a single sample, for per-sample gradients: ``f`` `(C,)`, ``y`` `()` or `(C,)`."""
         return self.loss(f.unsqueeze(0), y.unsqueeze(0))
 
-    def output_hessian(self, f: Tensor) -> Tensor:
-        """Λ for every sample, `(B, C, C)` (dense; for references and small C)."""
+    def output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        """Λ for every sample, `(B, C, C)` (dense; for references and small C).
+
+        ``y`` is accepted for a uniform signature with :class:`TokenClassification` (where it
+        masks ignored tokens) and unused.
+        """
         B, C = f.shape
         if self is Likelihood.REGRESSION:
             return torch.eye(C, dtype=f.dtype, device=f.device).expand(B, C, C).clone()
         p = torch.softmax(f, dim=-1)
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
-    def sqrt_output_hessian(self, f: Tensor) -> Tensor:
-        r"""A square root ``S`` of Λ with ``S @ S.mT == Λ``, `(B, C, C)`.
+    def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        r"""A square root ``S`` of Λ with ``S @ S.mT == Λ``, `(B, C, C)` (``y`` unused).
 
         For classification column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; then
         :math:`S S^\top = \mathrm{diag}(p) - 2pp^\top + pp^\top\sum_c p_c = \Lambda`.
@@ -84,8 +89,11 @@ class Likelihood(enum.Enum):
         eye = torch.eye(C, dtype=f.dtype, device=f.device)
         return (eye - p.unsqueeze(-1)) * p.sqrt().unsqueeze(-2)
 
-    def output_hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
-        """Λ applied per sample without forming it: ``v`` `(B, C)` or `(k, B, C)` → same shape."""
+    def output_hessian_matmul(self, f: Tensor, v: Tensor, y: Tensor | None = None) -> Tensor:
+        """Λ applied per sample without forming it: ``v`` `(B, C)` or `(k, B, C)` → same shape.
+
+        ``y`` is unused (uniform signature with :class:`TokenClassification`).
+        """
         if self is Likelihood.REGRESSION:
             return v
         p = torch.softmax(f, dim=-1)
@@ -99,7 +107,8 @@ class Likelihood(enum.Enum):
         return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype)
 
     def sampled_sqrt_output_hessian(
-        self, f: Tensor, num_samples: int, generator: torch.Generator | None
+        self, f: Tensor, num_samples: int, generator: torch.Generator | None,
+        y: Tensor | None = None,
     ) -> Tensor:
         r"""Monte-Carlo square root of Λ, `(B, C, num_samples)`.
 
@@ -107,6 +116,7 @@ class Likelihood(enum.Enum):
         ``Normal(f, I)``) and each column is the output gradient at a sampled label divided by
         :math:`\sqrt{K}`, so ``S @ S.mT`` is the average of ``g gᵀ``: an unbiased estimate of Λ.
         Sampling runs on the generator's device (CPU if none) for reproducibility, then moves.
+        ``y`` is unused (uniform signature with :class:`TokenClassification`).
         """
         B, C = f.shape
         sample_device = generator.device if generator is not None else f.device
@@ -122,3 +132,106 @@ class Likelihood(enum.Enum):
             )
         g = g.to(f.device) / math.sqrt(num_samples)
         return g.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class TokenClassification:
+    r"""Cross-entropy summed over the tokens of each sequence, on flattened outputs.
+
+    A token-level classifier outputs `(B, T, C)` (classes in the **last** dimension, as
+    transformers write them — not ``nn.CrossEntropyLoss``'s `(B, C, T)`); curvop sees each
+    sequence as one sample with output vector `(T·C,)`, token-major, and targets `(B, T)`. The
+    loss of sample ``n`` is :math:`\sum_{t:\,y_{nt} \ne \text{ignore}} \text{CE}(f_{nt}, y_{nt})`,
+    so Λ of a sequence is block-diagonal over its tokens, the block of token ``t`` the
+    :class:`Likelihood` one, :math:`\mathrm{diag}(p_t) - p_t p_t^\top`, and zero for a token
+    labelled ``ignore_index`` (padding): ignored tokens contribute nothing to any curvature.
+
+    Methods mirror :class:`Likelihood` on flattened outputs ``f`` `(B, T·C)`; the ones that
+    depend on which tokens count take the labels ``y`` `(B, T)` (``None``: every token counts).
+
+    Args:
+        classes: ``C``, the classes per token.
+        ignore_index: The label of tokens that do not count.
+    """
+
+    classes: int
+    ignore_index: int = -100
+
+    value = "classification"
+    factor = 1.0
+
+    def lossfunc(self) -> torch.nn.Module:
+        """``CrossEntropyLoss(reduction='sum', ignore_index=ignore_index)``."""
+        return torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=self.ignore_index)
+
+    def _tokens(self, f: Tensor) -> Tensor:
+        return f.reshape(*f.shape[:-1], -1, self.classes)
+
+    def _mask(self, y: Tensor | None, like: Tensor) -> Tensor:
+        """`(B, T, 1)` ones for tokens that count, zeros for ignored ones, in ``like``'s dtype."""
+        if y is None:
+            return like.new_ones(*like.shape[-3:-1], 1)
+        return (y != self.ignore_index).to(like.dtype).unsqueeze(-1)
+
+    def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """Summed cross-entropy over every counted token of the batch (a scalar)."""
+        return torch.nn.functional.cross_entropy(
+            f.reshape(-1, self.classes), y.reshape(-1), ignore_index=self.ignore_index,
+            reduction="sum")
+
+    def sample_loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """Loss of one sequence: ``f`` `(T·C,)`, ``y`` `(T,)`."""
+        return self.loss(f.unsqueeze(0), y.unsqueeze(0))
+
+    def output_gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """``p_t - onehot(y_t)`` per counted token, zero for ignored ones: `(B, T·C)`."""
+        p = torch.softmax(self._tokens(f), dim=-1)
+        labels = torch.where(y == self.ignore_index, 0, y)
+        g = p - torch.nn.functional.one_hot(labels, self.classes).to(p.dtype)
+        return (g * self._mask(y, p)).flatten(-2)
+
+    def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        """Block-diagonal square root of Λ, `(B, T·C, T·C)` (zero blocks for ignored tokens)."""
+        B = f.shape[0]
+        p = torch.softmax(self._tokens(f), dim=-1)  # (B, T, C)
+        T, C = p.shape[1], self.classes
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        blocks = (eye - p.unsqueeze(-1)) * p.sqrt().unsqueeze(-2)  # (B, T, C, C)
+        blocks = blocks * self._mask(y, p).unsqueeze(-1)
+        diag = torch.eye(T, dtype=f.dtype, device=f.device)
+        return torch.einsum("btcd,ts->btcsd", blocks, diag).reshape(B, T * C, T * C)
+
+    def output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        """Λ per sequence, dense `(B, T·C, T·C)` (for references and small sizes)."""
+        S = self.sqrt_output_hessian(f, y)
+        return S @ S.mT
+
+    def output_hessian_matmul(self, f: Tensor, v: Tensor, y: Tensor | None = None) -> Tensor:
+        """Λ applied per sequence: ``v`` `(B, T·C)` or `(k, B, T·C)` → same shape."""
+        p = torch.softmax(self._tokens(f), dim=-1)
+        vt = self._tokens(v)
+        out = (p * vt - p * (p * vt).sum(-1, keepdim=True)) * self._mask(y, p)
+        return out.flatten(-2)
+
+    def sampled_sqrt_output_hessian(
+        self, f: Tensor, num_samples: int, generator: torch.Generator | None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        r"""Monte-Carlo square root of Λ, `(B, T·C, num_samples)`.
+
+        Each column is the output gradient of the whole sequence at labels drawn for every
+        token from the model's predictive, over :math:`\sqrt{K}`: tokens are independent, so
+        cross-token terms vanish in expectation and ``S @ S.mT`` is an unbiased estimate of the
+        block-diagonal Λ with ``K`` backward passes per sequence, not ``T·K``.
+        """
+        B = f.shape[0]
+        sample_device = generator.device if generator is not None else f.device
+        p = torch.softmax(self._tokens(f.detach().to(sample_device)), dim=-1)  # (B, T, C)
+        T, C = p.shape[1], self.classes
+        labels = torch.multinomial(p.reshape(B * T, C), num_samples, replacement=True,
+                                   generator=generator).reshape(B, T, num_samples)
+        onehot = torch.nn.functional.one_hot(labels, C).to(p.dtype)  # (B, T, K, C)
+        g = (p.unsqueeze(2) - onehot).to(f.device) / math.sqrt(num_samples)
+        if y is not None:
+            g = g * self._mask(y, f).unsqueeze(-1)
+        return g.permute(0, 1, 3, 2).reshape(B, T * C, num_samples)

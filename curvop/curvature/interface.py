@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from curvop import _checks
 from curvop._functional import Batch, FunctionalModel
+from curvop._kernels import differentiable_kernels, has_rnn
 from curvop._model_guard import model_guard
 from curvop.errors import InputTypeError, NotSupportedError
 from curvop.feature_extractor import FeatureExtractor
+from curvop.likelihoods import Likelihood, TokenClassification
 from curvop.operators import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
 from curvop.operators.dataset import DatasetLinearOperator
 from curvop.params import ParameterSelection
@@ -47,6 +49,18 @@ class CurvatureInterface:
         memory_budget: Working memory in bytes for chunked computations (default 256 MiB).
         max_bytes: Largest result a materialisation may allocate; default the free memory of
             the model's device.
+        ignore_index: For token-level classification (outputs `(B, T, C)`, labels `(B, T)`):
+            the label of tokens that do not count (padding), as in ``nn.CrossEntropyLoss``.
+
+    **Token-level outputs.** Backends with ``supports_sequence_outputs`` (the native ones)
+    accept models whose output is `(B, T, C)` — a sequence of ``T`` tokens, classes (or
+    regression outputs) in the last dimension. The loss is summed over tokens (and the batch);
+    each sequence is one sample whose output vector is the flattened `(T·C,)`, token-major:
+    ``jacobians`` returns ``Js`` `(B, P, T·C)` and ``f`` `(B, T, C)`, ``gradients`` one
+    gradient per sequence `(B, P)`, the curvatures stay `(P, P)`. Λ of a sequence is
+    block-diagonal over its tokens; tokens labelled ``ignore_index`` contribute nothing.
+    Targets are `(B, T)` labels (classification) or `(B, T, C)` values (regression). For 2-D
+    outputs `(B, C)` every label must be a class (drop a sample instead of ignoring it).
 
     Attributes:
         model, likelihood, last_layer, subnetwork_indices: As given (``model`` wrapped when
@@ -64,6 +78,8 @@ class CurvatureInterface:
     supports: ClassVar[frozenset[str]] = frozenset()
     #: which backend to suggest when a method is not supported
     alternative: ClassVar[str] = "TorchGGN / TorchEF / TorchHessian"
+    #: whether token-level outputs `(B, T, C)` are supported
+    supports_sequence_outputs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -74,6 +90,7 @@ class CurvatureInterface:
         *,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         max_bytes: int | None = None,
+        ignore_index: int = -100,
     ) -> None:
         _checks.check_model(model)
         self._likelihood = _checks.check_likelihood(likelihood)
@@ -84,7 +101,10 @@ class CurvatureInterface:
         self.model = model
         self.likelihood = self._likelihood.value
         self.last_layer = last_layer
+        self.ignore_index = _checks.check_ignore_index(ignore_index)
         self.lossfunc = self._likelihood.lossfunc()
+        if isinstance(self.lossfunc, nn.CrossEntropyLoss):
+            self.lossfunc.ignore_index = self.ignore_index
         self.factor = self._likelihood.factor
         self.memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
         self.max_bytes = None if max_bytes is None else _checks.check_positive_int(
@@ -114,21 +134,39 @@ class CurvatureInterface:
             )
 
     def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection) -> Batch:
-        """Validate ``x``/``y``, compute features (last layer) and outputs without a graph."""
+        """Validate ``x``/``y``, compute features (last layer) and outputs without a graph.
+
+        Token-level outputs `(B, T, C)` are flattened to `(B, T·C)` here (and regression
+        targets with them); ``event_shape`` keeps `(T, C)`.
+        """
         _checks.check_inputs(x, sel.device)
         _checks.check_no_batch_coupling(self.model)
+        _checks.check_deterministic(self.model)
         _checks.check_finite_parameters(
             (n, p) for n, p in self.model.named_parameters() if p.requires_grad)
         module = self._param_module
-        with torch.no_grad():
+        with torch.no_grad(), _checks.forbid_randomness(sel.device):
             if self.last_layer:
-                x = self.model.forward_with_features(x)[1].detach()
+                with differentiable_kernels(has_rnn(self.model)):
+                    x = self.model.forward_with_features(x)[1].detach()
             fm = FunctionalModel(module, sel)
-            f = fm(tuple(sel.detached()), x)
-        _checks.check_outputs(f, self._likelihood)
+            f = fm.forward(tuple(sel.detached()), x)
+        _checks.check_outputs(f, self._likelihood, sequence=True)
+        if f.dim() == 2:
+            if y is not None:
+                y = _checks.check_targets(y, x.shape[0], f.shape[1], self._likelihood)
+            return Batch(fm, x, y, f, self._likelihood, self.memory_budget)
+        if not self.supports_sequence_outputs:
+            raise NotSupportedError(
+                f"{type(self).__name__} does not support token-level outputs (batch, seq, "
+                f"outputs); got {tuple(f.shape)}. Use {self.alternative}")
+        _, T, C = f.shape
         if y is not None:
-            y = _checks.check_targets(y, x.shape[0], f.shape[1], self._likelihood)
-        return Batch(fm, x, y, f, self._likelihood, self.memory_budget)
+            y = _checks.check_sequence_targets(y, x.shape[0], T, C, self._likelihood,
+                                               self.ignore_index)
+        likelihood = (TokenClassification(C, self.ignore_index)
+                      if self._likelihood is Likelihood.CLASSIFICATION else self._likelihood)
+        return Batch(fm, x, y, f.flatten(1), likelihood, self.memory_budget, (T, C))
 
     def _check_result(self, shape: tuple[int, ...], sel: ParameterSelection, what: str) -> None:
         _checks.check_fits(shape, sel.dtype, sel.device, what, self.max_bytes)
@@ -143,10 +181,14 @@ class CurvatureInterface:
             enable_backprop: Accepted for laplace-torch compatibility; results are detached.
 
         Returns:
-            ``(Js, f)``: ``Js`` `(B, P, C)`, ``f`` `(B, C)`.
+            ``(Js, f)``: ``Js`` `(B, P, C)`, ``f`` `(B, C)` (token-level outputs: ``Js``
+            `(B, P, T·C)`, token-major, and ``f`` `(B, T, C)`).
 
         Raises:
-            InputError: If ``x`` is malformed or non-finite, or the output is not `(B, C)`.
+            InputError: If ``x`` is malformed or non-finite, or the output is not `(B, C)`
+                (or `(B, T, C)`).
+            NotSupportedError: If the model's forward is random (active dropout), or it has
+                token-level outputs and the backend does not support them.
             MemoryBudgetError: If ``Js`` cannot fit.
         """
         self._require("_jacobians", "jacobians")
@@ -155,7 +197,8 @@ class CurvatureInterface:
             batch = self._batch(x, None, sel)
             self._check_result((batch.size, sel.num_params, batch.f.shape[1]), sel, "Js")
             Js = self._jacobians(batch)
-        return Js.transpose(1, 2), batch.f
+        f = batch.f if batch.event_shape is None else batch.f.reshape(-1, *batch.event_shape)
+        return Js.transpose(1, 2), f
 
     def last_layer_jacobians(self, x: Tensor, enable_backprop: bool = False
                              ) -> tuple[Tensor, Tensor]:
@@ -410,8 +453,8 @@ class GGNInterface(CurvatureInterface):
         f = batch.f.detach()
         if self.stochastic:
             return batch.likelihood.sampled_sqrt_output_hessian(f, self.num_samples,
-                                                                self.generator)
-        return batch.likelihood.sqrt_output_hessian(f)
+                                                                self.generator, y=batch.y)
+        return batch.likelihood.sqrt_output_hessian(f, y=batch.y)
 
     def _sqrt_jacobian_chunks(self, batch: Batch, S: Tensor):
         """Yield ``S_nᵀ J_n`` `(n, K, P)` over chunks of samples (from ``_jacobians``)."""

@@ -37,6 +37,7 @@ class _TorchBase:
     """Hooks shared by the three native classes: Jacobians and per-sample gradients."""
 
     alternative = "TorchGGN / TorchEF / TorchHessian"
+    supports_sequence_outputs = True
 
     def _jacobians(self, batch: Batch) -> Tensor:
         return batch.jacobians(slice(None))
