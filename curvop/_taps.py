@@ -13,6 +13,14 @@ the check and the caller falls back to the generic per-sample path.
 With ``partial=True`` (Kronecker factors) the taps are per layer instead: the layers that pass
 are returned with an :class:`Unhandled` entry, and its reason, for every module owning live
 parameters that no tap covers.
+
+``nn.MultiheadAttention`` applies its projections inside ``F.multi_head_attention_forward``,
+where no module hook reaches; while attention layers are tapped, a ``TorchFunctionMode``
+(thread-local, active only for the tapping forward) replaces that call inside each tapped
+``nn.MultiheadAttention`` by :func:`curvop.layers.attention_forward`, which computes the same
+function with the input projection (``in_proj_weight``, as three groups q/k/v) and
+``out_proj`` made explicit and records their inputs and outputs. The numerical check covers
+these taps like the others.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from curvop._functional import Batch
-from curvop.layers import HANDLERS, LayerHandler, handler_for, summed_grads
+from curvop.layers import (
+    LayerHandler,
+    attention_forward,
+    handler_for,
+    summed_grads,
+    why_no_handler,
+)
 
 __all__ = ["Tap", "Unhandled", "tap_layers", "plan_layers"]
 
@@ -41,6 +57,8 @@ class Tap:
     a: Tensor | None = None
     out: Tensor | None = None
     g: Tensor | None = field(default=None, repr=False)  # (K, n, G, T, O)
+    #: true positions per group when groups were zero-padded to a common ``T`` (attention)
+    lengths: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -53,20 +71,13 @@ class Unhandled:
     reason: str
 
 
-def _why_no_handler(module: nn.Module) -> str:
-    for cls in type(module).__mro__:
-        if cls in HANDLERS:
-            return (f"padding_mode={module.padding_mode!r}, padding={module.padding!r} "
-                    "(only zero padding given as integers has a closed form)")
-    return "no closed (a, g) form for this layer type"
-
-
 def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
     """Taps of the handled layers owning live parameters, and the modules left unhandled.
 
     A layer is handled when its type has a :func:`~curvop.layers.handler_for` and its live
-    parameters are among ``weight`` and ``bias`` (a live bias with a frozen weight gives a tap
-    with ``has_weight=False``). Static only: the forward may still reject a tap (see
+    parameters are among its weight and bias (``weight``/``bias``; ``in_proj_weight``/
+    ``in_proj_bias`` for attention; a live bias with a frozen weight gives a tap with
+    ``has_weight=False``). Static only: the forward may still reject a tap (see
     :func:`tap_layers`).
     """
     slot = {n: i for i, n in enumerate(batch.sel.names)}
@@ -78,10 +89,11 @@ def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
             continue
         covered.update(live)
         handler = handler_for(module)
-        weight = f"{prefix}.weight" if prefix else "weight"
-        bias = f"{prefix}.bias" if prefix else "bias"
+        wname, bname = (handler.weight, handler.bias) if handler else ("weight", "bias")
+        weight = f"{prefix}.{wname}" if prefix else wname
+        bias = f"{prefix}.{bname}" if prefix else bname
         if handler is None or set(live) - {weight, bias}:
-            reason = _why_no_handler(module) if handler is None else \
+            reason = why_no_handler(module) if handler is None else \
                 f"parameters other than weight and bias: {sorted(set(live) - {weight, bias})}"
             unhandled.append(Unhandled(prefix, module, [slot[n] for n in live], reason))
             continue
@@ -147,17 +159,27 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
     theta = [p.detach().requires_grad_() for p in batch.theta]
     calls: dict[int, int] = {}
 
-    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    def record(module: nn.Module, a: Tensor, output: Tensor) -> Tensor:
         tap = by_module[id(module)]
         calls[id(module)] = calls.get(id(module), 0) + 1
-        tap.a = tap.handler.inputs(module, inputs[0].detach())
+        tap.a = tap.handler.inputs(module, a.detach())
         tap.out = output
         return output.clone()
 
-    handles = [t.module.register_forward_hook(hook) for t in taps]
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        return record(module, inputs[0], output)
+
+    attention = _attention_modules(batch.fm.module, by_module)
+    inside = {id(m.out_proj) for m in attention}  # tapped through attention_forward
+    handles = [t.module.register_forward_hook(hook) for t in taps
+               if t.handler.kind == "hook" and id(t.module) not in inside]
     try:
         with torch.enable_grad():
-            f = batch.fm(theta, batch.x)
+            if attention:
+                with _AttentionTaps(attention, by_module, record, handles):
+                    f = batch.fm(theta, batch.x)
+            else:
+                f = batch.fm(theta, batch.x)
     finally:
         for h in handles:
             h.remove()
@@ -223,3 +245,54 @@ def _verify(t: Tap, g_probe: Tensor, param_grads: tuple) -> bool:
                               atol=tol * float(ref.abs().max().clamp_min(1e-30))):
             return False
     return True
+
+
+def _attention_modules(root: nn.Module, by_module: dict[int, Tap]) -> list[nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` modules whose input projection or out_proj is tapped."""
+    return [m for m in root.modules() if isinstance(m, nn.MultiheadAttention)
+            and (id(m) in by_module or id(m.out_proj) in by_module)]
+
+
+class _AttentionTaps(TorchFunctionMode):
+    """Route ``F.multi_head_attention_forward`` of tapped attention modules to the taps.
+
+    Forward pre-hooks (and forward hooks that run on errors too) keep a stack of the attention
+    modules being evaluated; the first ``F.multi_head_attention_forward`` inside each is
+    replaced by :func:`~curvop.layers.attention_forward`, recording into the taps of the module
+    (input projection) and of its ``out_proj``. Every other call passes through untouched.
+    """
+
+    def __init__(self, modules: list[nn.MultiheadAttention], by_module: dict[int, Tap],
+                 record, handles: list) -> None:
+        super().__init__()
+        self.stack: list[list] = []
+        self.by_module = by_module
+        self.record = record
+        for m in modules:  # the caller removes the handles
+            handles.append(m.register_forward_pre_hook(self._enter))
+            handles.append(m.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.stack.append([module, False])
+
+    def _exit(self, module: nn.Module, args: tuple, output) -> None:
+        self.stack.pop()
+
+    def _record(self, module: nn.MultiheadAttention, which: str, a: Tensor, out: Tensor,
+                lengths: tuple[int, ...]) -> Tensor:
+        target = module if which == "in" else module.out_proj
+        if id(target) not in self.by_module:
+            return out
+        if which == "in":
+            self.by_module[id(target)].lengths = lengths
+        return self.record(target, a, out)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and self.stack and not self.stack[-1][1]:
+            self.stack[-1][1] = True
+            module = self.stack[-1][0]
+            out = attention_forward(args, kwargs, lambda *r: self._record(module, *r))
+            if out is not None:
+                return out
+        return func(*args, **kwargs)

@@ -1,4 +1,6 @@
-r"""Layers with a closed form: Linear and Conv1d/2d/3d, as ``(inputs, output gradients)`` pairs.
+r"""Layers with a closed form: Linear, Conv1d/2d/3d, attention, as ``(inputs, output gradients)``.
+
+Linear and convolution layers, and the packed input projection of ``nn.MultiheadAttention``.
 
 For such a layer the gradient of sample ``n`` in the weight is a sum over weight-sharing positions
 ``t`` (tokens, pixels) of outer products,
@@ -11,19 +13,32 @@ with ``a`` the (unfolded) layer input `(n, T, I)` and ``g`` the gradient in the 
 `(n, T, O)`. Every structure that exploits layers — the exact diagonal's closed form, Kronecker
 factors — works on these two tensors. Handlers are looked up along ``type(module).__mro__``, so
 subclasses of ``nn.Linear`` / ``nn.ConvNd`` are handled too.
+
+**Attention.** ``nn.MultiheadAttention`` computes ``q, k, v = x_q W_qᵀ + b_q, x_k W_kᵀ + b_k,
+x_v W_vᵀ + b_v`` with the three weights stacked row-wise in ``in_proj_weight`` `(3E, E)` — three
+linear maps in one tensor, seen here as a layer with ``G = 3`` groups (like a grouped
+convolution): ``a`` `(n, 3, T, E)` stacks the query, key and value inputs, ``g`` the gradients in
+``q``, ``k``, ``v``. In cross-attention the query has ``T_q`` tokens and key/value ``T_k``; the
+shorter ones are zero-padded to ``T = max`` (zeros add nothing to any sum) and ``lengths``
+`(T_q, T_k, T_k)` keeps the true counts. Its ``out_proj`` is an ``nn.Linear`` that
+``F.multi_head_attention_forward`` applies with ``F.linear`` on ``out_proj.weight`` — no forward
+hook sees it —, so both are tapped by :func:`attention_forward`, which the layer taps substitute
+for ``F.multi_head_attention_forward`` (see :mod:`curvop._taps`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerHandler", "handler_for", "HANDLERS", "per_sample_grads", "summed_grads",
-           "diag_sq_sum", "unfold"]
+__all__ = ["LayerHandler", "handler_for", "why_no_handler", "HANDLERS", "per_sample_grads",
+           "summed_grads", "diag_sq_sum", "unfold", "attention_forward"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +49,20 @@ class LayerHandler:
         inputs: Maps ``(module, input)`` to ``a`` `(n, G, T, I)` (``G`` groups, 1 but for grouped
             convolutions; ``I`` includes the kernel positions).
         outputs: Maps ``(module, output-like)`` to `(n, G, T, O/G)`.
+        supported: Whether this instance has the closed form.
+        why_not: The reason, for an instance that is not supported.
+        weight, bias: Names of the layer's weight and bias parameters.
+        kind: ``'hook'`` (tapped by a forward hook on the module) or ``'attention'`` (tapped
+            through :func:`attention_forward`).
     """
 
     inputs: Callable[[nn.Module, Tensor], Tensor]
     outputs: Callable[[nn.Module, Tensor], Tensor]
     supported: Callable[[nn.Module], bool] = lambda m: True
+    why_not: Callable[[nn.Module], str] = lambda m: "no closed (a, g) form for this layer"
+    weight: str = "weight"
+    bias: str = "bias"
+    kind: str = "hook"
 
 
 def _linear_inputs(module: nn.Linear, a: Tensor) -> Tensor:
@@ -87,11 +111,36 @@ def _conv_supported(module: nn.Module) -> bool:
     return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
+def _conv_why_not(module: nn.Module) -> str:
+    return (f"padding_mode={module.padding_mode!r}, padding={module.padding!r} "
+            "(only zero padding given as integers has a closed form)")
+
+
+def _identity(module: nn.Module, t: Tensor) -> Tensor:
+    return t
+
+
+def _mha_supported(module: nn.MultiheadAttention) -> bool:
+    return bool(module._qkv_same_embed_dim) and module.in_proj_weight is not None
+
+
+def _mha_why_not(module: nn.MultiheadAttention) -> str:
+    return (f"separate query/key/value projection weights (kdim={module.kdim}, "
+            f"vdim={module.vdim} differ from embed_dim={module.embed_dim}); only the packed "
+            "in_proj_weight has a Kronecker form here")
+
+
+_CONV = {"supported": _conv_supported, "why_not": _conv_why_not}
+
 HANDLERS: dict[type, LayerHandler] = {
     nn.Linear: LayerHandler(_linear_inputs, _linear_outputs),
-    nn.Conv1d: LayerHandler(_conv_inputs, _conv_outputs, _conv_supported),
-    nn.Conv2d: LayerHandler(_conv_inputs, _conv_outputs, _conv_supported),
-    nn.Conv3d: LayerHandler(_conv_inputs, _conv_outputs, _conv_supported),
+    nn.Conv1d: LayerHandler(_conv_inputs, _conv_outputs, **_CONV),
+    nn.Conv2d: LayerHandler(_conv_inputs, _conv_outputs, **_CONV),
+    nn.Conv3d: LayerHandler(_conv_inputs, _conv_outputs, **_CONV),
+    # ``a`` and ``g`` arrive in `(n, 3, T, E)` form from attention_forward
+    nn.MultiheadAttention: LayerHandler(_identity, _identity, _mha_supported, _mha_why_not,
+                                        weight="in_proj_weight", bias="in_proj_bias",
+                                        kind="attention"),
 }
 
 
@@ -102,6 +151,71 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
         if h is not None:
             return h if h.supported(module) else None
     return None
+
+
+def why_no_handler(module: nn.Module) -> str:
+    """Why :func:`handler_for` gives no handler for ``module``."""
+    for cls in type(module).__mro__:
+        h = HANDLERS.get(cls)
+        if h is not None:
+            return h.why_not(module)
+    return "no closed (a, g) form for this layer type"
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _pad_tokens(ts: list[Tensor]) -> Tensor:
+    """`(T_i, n, d)` tensors → `(n, len(ts), max T_i, d)`, zero-padded along the tokens."""
+    T = max(t.shape[0] for t in ts)
+    return torch.stack([F.pad(t, (0, 0, 0, 0, 0, T - t.shape[0])) for t in ts]).permute(2, 0, 1, 3)
+
+
+def attention_forward(args: tuple, kwargs: dict,
+                      record: Callable[[str, Tensor, Tensor, tuple[int, ...]], Tensor]):
+    """``F.multi_head_attention_forward(*args, **kwargs)`` with its projections made explicit.
+
+    The input projection runs here as three ``F.linear`` (on the rows of ``in_proj_weight``),
+    the attention itself in ``F.multi_head_attention_forward`` with identity projections (so
+    masks, ``bias_k``/``bias_v``, ``add_zero_attn``, causal hints and attention weights keep
+    torch's own handling), and the output projection as an ``F.linear`` again. ``record`` is
+    called with ``('in', a, out, lengths)`` (``a``, ``out`` `(n, 3, T, E)`, ``lengths`` the
+    true token counts of query, key and value) and ``('out', a, out, ())`` (`(n, T_q, E)`
+    each) and returns the tensor that continues the forward (a clone of ``out``, so that
+    in-place operations downstream cannot rewrite the recorded one).
+
+    Returns:
+        The function's result, or ``None`` when the call is not of the packed, batched form
+        (the caller then runs the original; the taps stay empty and are rejected).
+    """
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    W = a["in_proj_weight"]
+    if (query.dim() != 3 or a["use_separate_proj_weight"] or W is None
+            or a["static_k"] is not None or a["static_v"] is not None):
+        return None
+    E = a["embed_dim_to_check"]
+    b = a["in_proj_bias"]
+    biases = b.chunk(3) if b is not None else (None, None, None)
+    inputs = [query, key, value]
+    proj = [F.linear(x, w, bb) for x, w, bb in zip(inputs, W.chunk(3), biases)]
+    lengths = tuple(t.shape[0] for t in inputs)
+    qkv = record("in", _pad_tokens(inputs).detach(), _pad_tokens(proj), lengths)
+    q, k, v = (qkv[:, i, :T].transpose(0, 1) for i, T in enumerate(lengths))
+    eye = torch.eye(E, dtype=query.dtype, device=query.device)
+    attn, weights = F.multi_head_attention_forward(
+        q, k, v, E, a["num_heads"], None, None, a["bias_k"], a["bias_v"], a["add_zero_attn"],
+        a["dropout_p"], eye, None, training=a["training"],
+        key_padding_mask=a["key_padding_mask"], need_weights=a["need_weights"],
+        attn_mask=a["attn_mask"], use_separate_proj_weight=True, q_proj_weight=eye,
+        k_proj_weight=eye, v_proj_weight=eye, average_attn_weights=a["average_attn_weights"],
+        is_causal=a["is_causal"])
+    a_out = attn.transpose(0, 1)
+    out = F.linear(a_out, a["out_proj_weight"], a["out_proj_bias"])
+    out = record("out", a_out.detach(), out, ())
+    return out.transpose(0, 1), weights
 
 
 def per_sample_grads(a: Tensor, g: Tensor, has_bias: bool) -> list[Tensor]:
