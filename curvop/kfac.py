@@ -43,7 +43,11 @@ convolutions it averages the inputs over groups into one ``A ⊗ B`` instead of 
 `(I, I)`; a grouped convolution (``groups = G > 1``) has ``G`` consecutive blocks
 ``[A_g, B_g]`` of sizes `(O/G, O/G)` and `(I, I)`, one per group (rows of group ``g`` are
 contiguous in the flattened weight; cross-group terms are dropped like cross-layer ones), so the
-Kron then has more blocks than the model has parameter tensors; a bias is ``[C]``.
+Kron then has more blocks than the model has parameter tensors; a bias is ``[C]``. The packed
+``in_proj_weight`` `(3E, E)` of ``nn.MultiheadAttention`` is a layer with three groups (query,
+key, value; see :mod:`curvop.layers`): ``[A_q, B_q], [A_k, B_k], [A_v, B_v]`` with each ``B``
+from its own inputs and ``T`` its own token count (cross-attention), ``in_proj_bias`` one exact
+``[C]`` `(3E, 3E)`, ``out_proj`` a Linear.
 
 Every factor is a sum of products ``Xᵀ X`` (positive semi-definite), made exactly symmetric
 up to ``2**22`` entries; larger ones are left symmetric to rounding, because on CPU the
@@ -124,7 +128,7 @@ class _Sums:
     A: Tensor | None = None
     B: Tensor | None = None
     C: Tensor | None = None
-    T: int = 1
+    T: int | tuple[int, ...] = 1  # positions; per group where groups were padded (attention)
 
 
 def _add(total: Tensor | None, term: Tensor) -> Tensor:
@@ -135,7 +139,7 @@ def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
     """Add one chunk's sums of layer ``t`` to ``s`` (no scaling by ``N`` yet)."""
     a, g = t.a, t.g  # (n, G, T, I), (K, n, G, T, O)
     K, n, G, T, d_out = g.shape
-    s.T = T
+    s.T = T if t.lengths is None else t.lengths  # true positions of zero-padded groups
     if approx == "reduce" or t.has_bias:  # (K, n, G, O): reduce output side, bias gradient
         g_sum = g[:, :, :, 0] if T == 1 else g.sum(3)
     if t.has_weight:
@@ -144,7 +148,8 @@ def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
             aa = a.transpose(0, 1).reshape(G, n * T, a.shape[-1])
         else:
             gg = g_sum.permute(2, 0, 1, 3).reshape(G, K * n, d_out)
-            aa = a.mean(2).transpose(0, 1)  # (G, n, I)
+            mean = a.mean(2) if t.lengths is None else a.sum(2) / a.new_tensor(t.lengths)[:, None]
+            aa = mean.transpose(0, 1)  # (G, n, I)
         s.A = _add(s.A, gg.mT @ gg)
         s.B = _add(s.B, aa.mT @ aa)
     if t.has_bias:
@@ -166,8 +171,9 @@ def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[
     out: dict[int, list[list[Tensor]]] = {}
     slots = iter(t.param_slots)
     if t.has_weight:
-        scale = N * s.T if approx == "expand" else N
-        out[next(slots)] = [[_sym(A), _sym(B / scale)] for A, B in zip(s.A, s.B)]
+        Ts = s.T if isinstance(s.T, tuple) else (s.T,) * len(s.A)
+        out[next(slots)] = [[_sym(A), _sym(B / (N * T if approx == "expand" else N))]
+                            for A, B, T in zip(s.A, s.B, Ts)]
     if t.has_bias:
         out[next(slots)] = [[_sym(s.C)]]
     return out
