@@ -246,6 +246,8 @@ def _resolve_object(target: str):
 def _documented_path(obj, rest: list[str]) -> str | None:
     """Where ``obj.<rest>`` is documented: a method is looked up along the class's MRO."""
     paths = canonical_paths()
+    if inspect.ismodule(obj) and len(rest) == 1 and id(getattr(obj, rest[0], None)) in paths:
+        return paths[id(getattr(obj, rest[0]))]                 # module-level data
     if inspect.isclass(obj) and len(rest) == 1:
         for klass in obj.__mro__:
             if rest[0] in vars(klass) and id(klass) in paths:
