@@ -424,7 +424,7 @@ class GGNInterface(CurvatureInterface):
         stochastic: Monte-Carlo Fisher instead of the exact GGN.
         num_samples: Samples per data point for the MC Fisher.
         generator: A ``torch.Generator`` for the MC samples.
-        **kwargs: ``memory_budget`` and ``max_bytes``.
+        **kwargs: ``memory_budget``, ``max_bytes``, ``ignore_index``.
 
     Raises:
         InputTypeError: If ``stochastic`` is not a bool or ``generator`` not a Generator.

@@ -4,6 +4,15 @@ Works for any ``nn.Module`` that ``torch.func`` can trace and ``vmap`` over samp
 BatchNorm in eval mode, non-``Sequential`` modules, frozen parameters). Nothing of size
 `(B, C, P)` is formed except by :meth:`jacobians`, which returns it: ``diag`` and ``full`` stream
 per-sample products ``S_nᵀ J_n`` in chunks bounded by ``memory_budget``.
+
+Transformers (``nn.TransformerEncoder``/``Decoder``, ``nn.MultiheadAttention``,
+``F.scaled_dot_product_attention``) and RNNs work unchanged: every model evaluation swaps the
+fused kernels that lack higher derivatives for composite ones (:mod:`curvop._kernels`) and
+restores the user's settings. Active dropout (training mode, ``p > 0``) raises, since it makes
+the curvature random. Token-level outputs `(B, T, C)` are supported (each sequence one sample,
+loss summed over tokens, ``ignore_index`` for padding; see
+:class:`~curvop.curvature.CurvatureInterface`), and ``kron`` factors attention's packed
+``in_proj_weight`` per query/key/value (:mod:`curvop.kfac`).
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ class TorchGGN(_TorchBase, GGNInterface):
         model, likelihood, last_layer, subnetwork_indices, stochastic, num_samples, generator:
             See :class:`~curvop.curvature.GGNInterface`.
         low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
-        **kwargs: ``memory_budget`` and ``max_bytes``.
+        **kwargs: ``memory_budget``, ``max_bytes``, ``ignore_index``.
 
     Example:
         >>> import torch
@@ -140,7 +149,7 @@ class TorchHessian(_TorchBase, HessianOperatorMixin, CurvatureInterface):
         model, likelihood, last_layer, subnetwork_indices: See
             :class:`~curvop.curvature.CurvatureInterface`.
         low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
-        **kwargs: ``memory_budget`` and ``max_bytes``.
+        **kwargs: ``memory_budget``, ``max_bytes``, ``ignore_index``.
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
