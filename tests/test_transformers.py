@@ -525,6 +525,17 @@ def test_token_classification_custom_ignore_index_and_ignored_tokens_count_nothi
     assert curvop.TorchGGN(model, "classification").lossfunc.ignore_index == -100
 
 
+def test_token_level_last_layer_and_eig_lowrank():
+    model, ids, y = tagger_data()
+    G = curvature("ggn", model, ids, y, "classification")
+    n_head = sum(p.numel() for p in model.head.parameters())
+    got = curvop.TorchGGN(model, "classification", last_layer=True).full(ids, y)[1]
+    torch.testing.assert_close(got, G[-n_head:, -n_head:], **TOL)
+    loader = [(ids[:2], y[:2]), (ids[2:], y[2:])]
+    _, vals, _ = curvop.TorchGGN(model, "classification", low_rank=2).eig_lowrank(loader)
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-7, atol=1e-9)
+
+
 def test_token_classification_mc_fisher():
     """MC Fisher: one sampled label per token and column; reproducible; the GGN on average."""
     model, ids, y = tagger_data()
