@@ -11,6 +11,8 @@
 """
 
 from curvop.linalg._common import Estimate
+from curvop.linalg.damped import DampedCurvature, factorize, logdet, solve
+from curvop.linalg.dual import DataSpaceDual, DualFactorization
 from curvop.linalg.eigen import low_rank_operator, top_eigenpairs
 from curvop.linalg.krylov import KrylovResult, cg, minres
 from curvop.linalg.lanczos import LanczosQuadrature, SLQEstimate, slq_logdet, stochastic_lanczos
@@ -22,6 +24,12 @@ from curvop.linalg.preconditioners import (
 )
 
 __all__ = [
+    "factorize",
+    "DampedCurvature",
+    "logdet",
+    "solve",
+    "DataSpaceDual",
+    "DualFactorization",
     "cg",
     "minres",
     "KrylovResult",
