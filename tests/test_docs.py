@@ -121,6 +121,7 @@ def test_api_reference_covers_every_public_name(built_docs):
             if paths.get(id(obj), f"{mod_name}.{name}") not in documented:
                 missing.append(f"{mod_name}.{name}")
     assert not missing, f"public names missing from the API reference: {missing}"
+    assert not api.UNAVAILABLE, f"public modules that do not import: {api.UNAVAILABLE}"
 
 
 def _public_docstring_tests():

@@ -38,6 +38,7 @@ from curvop_public import (
     BENCHMARKS,
     DOCS,
     FIGURES,
+    UNAVAILABLE,
     benchmark_markdown,
     canonical_paths,
     data_doc,
@@ -104,7 +105,10 @@ class CurvopAPI(SphinxDirective):
         for mod_name in self.arguments:
             module = import_public(mod_name)
             if module is None:
-                lines += [f".. note:: ``{mod_name}`` is not part of this version of curvop.", ""]
+                why = UNAVAILABLE.get(mod_name)
+                lines += [f".. note:: ``{mod_name}`` " + (
+                    f"could not be imported where these pages were built: {why}" if why
+                    else "is not part of this version of curvop."), ""]
                 continue
             lines += [f".. automodule:: {mod_name}", "   :no-members:", ""]
             aliases = []

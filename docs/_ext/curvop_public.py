@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import pkgutil
@@ -32,14 +33,26 @@ FIGURES = DOCS / "_static" / "examples"
 BENCHMARKS = DOCS.parent / "benchmarks" / "results"
 
 
+#: modules that exist but could not be imported here (an optional dependency), with the reason
+UNAVAILABLE: dict[str, str] = {}
+
+
 def import_public(name: str):
-    """The module ``name``, or ``None`` if it (not a dependency of it) does not exist."""
+    """The module ``name``, or ``None`` if it does not exist or cannot be imported here.
+
+    A module that exists but needs an optional dependency that is not installed (e.g.
+    ``curvop.compat.laplace`` without laplace-torch) is recorded in :data:`UNAVAILABLE`.
+    """
     try:
         return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and name.startswith(err.name):
-            return None
-        raise
+    except ImportError as err:
+        try:
+            exists = importlib.util.find_spec(name) is not None
+        except ImportError:
+            exists = False
+        if exists:
+            UNAVAILABLE[name] = str(err)
+        return None
 
 
 def public_names(module) -> list[str]:
