@@ -14,6 +14,7 @@ from curvop.linalg._common import Estimate
 from curvop.linalg.damped import DampedCurvature, factorize, logdet, solve
 from curvop.linalg.dual import DataSpaceDual, DualFactorization
 from curvop.linalg.eigen import low_rank_operator, top_eigenpairs
+from curvop.linalg.estimators import hutchinson_diagonal, hutchinson_trace
 from curvop.linalg.krylov import KrylovResult, cg, minres
 from curvop.linalg.lanczos import LanczosQuadrature, SLQEstimate, slq_logdet, stochastic_lanczos
 from curvop.linalg.preconditioners import (
@@ -22,6 +23,7 @@ from curvop.linalg.preconditioners import (
     diagonal_preconditioner,
     kron_preconditioner,
 )
+from curvop.linalg.spectrum import SpectralDensity, plot_spectrum, spectral_density
 
 __all__ = [
     "factorize",
@@ -42,6 +44,11 @@ __all__ = [
     "LanczosQuadrature",
     "SLQEstimate",
     "Estimate",
+    "hutchinson_trace",
+    "hutchinson_diagonal",
+    "spectral_density",
+    "SpectralDensity",
+    "plot_spectrum",
     "top_eigenpairs",
     "low_rank_operator",
 ]

@@ -108,6 +108,8 @@ def rademacher(n: int, m: int, generator: torch.Generator | None = None, seed: i
                dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
     """`(n, m)` Rademacher (±1) probes, drawn on the CPU (device-independent), then moved.
 
+    Column ``j`` is the ``j``-th probe the generator yields, whatever ``m``.
+
     Args:
         n: Rows.
         m: Columns (probes).
@@ -118,8 +120,9 @@ def rademacher(n: int, m: int, generator: torch.Generator | None = None, seed: i
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    Z = torch.randint(0, 2, (n, m), generator=generator, dtype=torch.int8)
-    return (Z.to(dtype) * 2 - 1).to(device)
+    # drawn probe by probe (rows of `(m, n)`), so splitting probes into blocks changes nothing
+    Z = torch.randint(0, 2, (m, n), generator=generator, dtype=torch.int8)
+    return (Z.T.to(dtype) * 2 - 1).contiguous().to(device)
 
 
 def as_deltas(delta: object, name: str = "delta") -> tuple[Tensor, bool]:
