@@ -11,7 +11,7 @@
 """
 
 from curvop.linalg._common import Estimate
-from curvop.linalg.damped import DampedCurvature, factorize, logdet, solve
+from curvop.linalg.damped import DampedCurvature, DampedOperator, factorize, logdet, solve
 from curvop.linalg.dual import DataSpaceDual, DualFactorization
 from curvop.linalg.eigen import low_rank_operator, top_eigenpairs
 from curvop.linalg.estimators import hutchinson_diagonal, hutchinson_trace
@@ -28,6 +28,7 @@ from curvop.linalg.spectrum import SpectralDensity, plot_spectrum, spectral_dens
 __all__ = [
     "factorize",
     "DampedCurvature",
+    "DampedOperator",
     "logdet",
     "solve",
     "DataSpaceDual",

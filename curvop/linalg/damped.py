@@ -3,19 +3,17 @@ r"""Factorise once, answer many: ``log det`` and ``solve`` of :math:`A + \delta 
 :func:`factorize` picks the cheapest exact route for the operator's structure and keeps what a
 second ``δ`` can reuse; :func:`logdet` and :func:`solve` are one-shot spellings.
 
-=================  ===========================================================  =============
-route              operators                                                     accuracy
-=================  ===========================================================  =============
-``'dual'``         GGN / MC Fisher / EF of a batch or data set with `R = NK < P`   exact
-                   (:mod:`~curvop.linalg.dual`); a low-rank root ``R Rᵀ``
-``'kron'``         :class:`~curvop.Kron`, ``DampedKron`` (cached factor             exact
-                   eigenbases: :math:`\sum \log(\lambda_A \lambda_B + \delta)`)
-``'diag'``         ``DiagLinearOperator``                                         exact
-``'dense'``        tensors, ``DenseLinearOperator``; GGNs with ``R ≥ P`` that fit   exact
-``'operator'``     ``KronAddedDiag`` (its own exact or stated-accuracy algorithms)  as stated
-``'iterative'``    anything else (Hessians, sums, ...): SLQ ``logdet`` with a       stderr
-                   standard error, CG / MINRES ``solve`` to a true ``rtol``        reported
-=================  ===========================================================  =============
+Routes (``DampedCurvature.route``):
+
+* ``'dual'`` (exact): GGN / MC Fisher / EF of a batch or a data set with ``R = NK < P``
+  (:mod:`curvop.linalg.dual`), and low-rank roots ``R Rᵀ``;
+* ``'kron'`` (exact): :class:`~curvop.Kron` and ``DampedKron``, through the cached factor
+  eigenbases, :math:`\sum \log(\lambda_A \lambda_B + \delta)`;
+* ``'diag'`` (exact): ``DiagLinearOperator``;
+* ``'dense'`` (exact): tensors, ``DenseLinearOperator``, GGNs with ``R ≥ P`` that fit;
+* ``'operator'`` (as the operator states): ``KronAddedDiag``, through its own ``damped(δ)``;
+* ``'iterative'`` (stochastic ``logdet`` with a standard error; ``solve`` to a checked
+  ``rtol``): anything else (Hessians, sums, ...), by SLQ and CG / MINRES.
 
 A constant shift already inside the operator (``op.add_diagonal(c)``, ``op.add_jitter(c)``)
 is recognised and added to ``δ``.
@@ -35,13 +33,13 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from curvop import _checks
-from curvop.errors import InputError, InputTypeError
+from curvop.errors import InputError, InputTypeError, NotSupportedError
 from curvop.linalg._common import Estimate, as_deltas, check_rhs
 from curvop.linalg.dual import DataSpaceDual, DualFactorization, sqrt_form_batches
 from curvop.linalg.krylov import cg, minres
 from curvop.linalg.lanczos import LanczosQuadrature, stochastic_lanczos
 
-__all__ = ["DampedCurvature", "factorize", "logdet", "solve"]
+__all__ = ["DampedCurvature", "DampedOperator", "factorize", "logdet", "solve"]
 
 _ROUTES = ("auto", "dual", "kron", "diag", "dense", "operator", "iterative")
 
@@ -264,6 +262,21 @@ class DampedCurvature:
         X = self.solve(rhs, delta)
         return (rhs * X).sum(0)
 
+    def operator(self, delta: float) -> DampedOperator:
+        r""":math:`A + \delta I` as a ``LinearOperator`` whose spectral methods use this object.
+
+        ``solve``, ``inv_quad``, ``logdet`` and ``inv_quad_logdet`` (and so GPyTorch's
+        marginal likelihoods) go through the factorisation instead of linear_operator's
+        iterative defaults; products are ``op`` products plus ``δ``.
+
+        Raises:
+            InputError: If ``delta`` is not a single finite number.
+        """
+        d, scalar = as_deltas(delta)
+        if not scalar:
+            raise InputError("`delta` of operator() must be a single number")
+        return DampedOperator(self.op, curvature=self, delta=float(d[0]))
+
     @property
     def eigenvalues(self) -> Tensor:
         """The exact spectrum of ``A`` where the route has it (dual: the nonzero part).
@@ -271,8 +284,6 @@ class DampedCurvature:
         Raises:
             NotSupportedError: On the ``'operator'`` and ``'iterative'`` routes.
         """
-        from curvop.errors import NotSupportedError
-
         impl = self._impl
         if isinstance(impl, _Dual):
             return impl.fact.eigenvalues()
@@ -285,6 +296,79 @@ class DampedCurvature:
             return lam.sort().values
         raise NotSupportedError(f"the {self.route!r} route has no exact spectrum; use "
                                 "curvop.linalg.spectral_density")
+
+
+class DampedOperator(LinearOperator):
+    r""":math:`A + \delta I` with ``solve`` / ``logdet`` / ``inv_quad_logdet`` from a factorisation.
+
+    Built by :meth:`DampedCurvature.operator`. Results carry no gradient (the factorisations
+    run under ``torch.no_grad``); ``logdet`` is in the operator's dtype.
+
+    Args:
+        base: The factorised operator (``curvature.op``, a constant shift taken out).
+        curvature: Its :class:`DampedCurvature`.
+        delta: The damping :math:`\delta` (on top of ``curvature.shift``).
+    """
+
+    def __init__(self, base: LinearOperator, *, curvature: DampedCurvature, delta: float) -> None:
+        super().__init__(base, curvature=curvature, delta=delta)
+        self.base, self.curvature, self.delta = base, curvature, float(delta)
+        self._total = curvature.shift + self.delta  # a shift found inside the operator, too
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.base._matmul(rhs) + self._total * rhs
+
+    def _size(self) -> torch.Size:
+        return self.base.shape
+
+    def _transpose_nonbatch(self) -> DampedOperator:
+        return self
+
+    def _diagonal(self) -> Tensor:
+        return self.base._diagonal() + self._total
+
+    def _expand_batch(self, batch_shape):
+        if tuple(batch_shape) == ():
+            return self
+        raise NotSupportedError("a damped curvature has no batch dimensions")
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor):
+        return (None,) * len(self.representation())
+
+    def _columns(self, rhs: Tensor) -> Tensor:
+        if rhs.dim() > 2:
+            batch, k = rhs.shape[:-2], rhs.shape[-1]
+            X = self._columns(rhs.movedim(-2, 0).reshape(rhs.shape[-2], -1))
+            return X.reshape(rhs.shape[-2], *batch, k).movedim(0, -2)
+        return self.curvature.solve(rhs, self.delta)
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        """``(A + δI)⁻¹ R`` (or ``L (A + δI)⁻¹ R``) through the factorisation."""
+        X = self._columns(right_tensor)
+        return X if left_tensor is None else left_tensor @ X
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0):
+        if num_tridiag:
+            return super()._solve(rhs, preconditioner, num_tridiag)
+        return self._columns(rhs)
+
+    def logdet(self) -> Tensor:
+        """``log det(A + δI)`` through the factorisation (see :meth:`DampedCurvature.logdet`)."""
+        val = self.curvature.logdet(self.delta)
+        return val.to(dtype=self.dtype, device=self.device)
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
+                        reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
+        """``(Rᵀ (A + δI)⁻¹ R, log det(A + δI))`` through the factorisation."""
+        if inv_quad_rhs is None and not logdet:
+            raise InputError("inv_quad_logdet() needs `inv_quad_rhs` or `logdet=True`")
+        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
+        if inv_quad_rhs is not None:
+            terms = (inv_quad_rhs * self._columns(inv_quad_rhs)).sum(-2 if inv_quad_rhs.dim()
+                                                                     > 1 else -1)
+            inv_quad = terms.sum(-1) if reduce_inv_quad and inv_quad_rhs.dim() > 1 else terms
+        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
+        return inv_quad, ld
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -182,12 +182,13 @@ class DataSpaceDual:
         layers: list[list[tuple[Tensor, Tensor]]] = []
         bias: list[bool] = []
         held = 0
+        verified: set = set()  # the taps' numerical check runs on the first batch only
         for o, S in zip(self._ops(), self._S):
             b = o._batch
             if b.sel.index is not None:
                 return None
             with model_guard(b.fm.module):
-                taps = tap_layers(b, S)
+                taps = tap_layers(b, S, verified)
             if taps is None or any(t.a.shape[1] != 1 or t.a.shape[2] != 1 for t in taps):
                 return None
             if not layers:

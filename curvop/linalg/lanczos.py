@@ -255,8 +255,8 @@ def stochastic_lanczos(op, *, num_probes: int = 30, max_steps: int = 100,
     max_steps = check_positive_int(max_steps, "max_steps")
     A = CountedOperator(op, 0.0, size)
     P = A.size
-    dtype = A.dtype if A.dtype in (torch.float32, torch.float64) else torch.float64
-    Z = rademacher(P, num_probes, generator, seed, dtype, A.device)
+    # Lanczos vectors in float64 whatever the operator's dtype (products are cast for it)
+    Z = rademacher(P, num_probes, generator, seed, torch.float64, A.device)
     norms2 = Z.pow(2).sum(0)
     fn = fn or torch.log
     state: dict = {"prev": None, "change": float("nan")}

@@ -170,3 +170,27 @@ def test_refinement_and_errors():
             DataSpaceDual(op).gram()
         finally:
             checks.available_bytes = checks_orig
+
+
+def test_last_layer_and_float32():
+    model = _mlp()
+    X, Y = _data("classification", 4)
+    _, op = curvop.TorchGGN(model, "classification", last_layer=True).full_operator(X, Y)
+    fac = factorize(op)
+    assert fac.route == "dual" and fac._impl.fact.num_rows == 8 < op.shape[0] == 24
+    _check_exact(fac, ref.ggn(model, X, Y, "classification", last_layer=True))
+    m32 = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    register(m32)
+    _, op32 = curvop.TorchGGN(m32, "classification").full_operator(X.float(), Y)
+    H = ref.ggn(model, X, Y, "classification")
+    fac32 = factorize(op32)
+    assert fac32.route == "dual"
+    val = fac32.logdet(0.3)
+    assert val.dtype == F64  # log-determinants come back in float64 (large sums need it)
+    torch.testing.assert_close(val, _dense_logdet(H, 0.3), rtol=1e-5, atol=1e-4)
+    b = torch.randn(op32.shape[0])
+    x = fac32.solve(b, 0.3)
+    assert x.dtype == torch.float32
+    x_ref = torch.linalg.solve(H + 0.3 * torch.eye(H.shape[0], dtype=F64), b.double())
+    torch.testing.assert_close(x.double(), x_ref, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linear_operator
 import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
@@ -134,3 +135,30 @@ def test_one_shot_functions_and_errors():
         factorize(Hd).logdet("1")
     with pytest.raises(InputError, match="positive definite"):
         factorize(DiagLinearOperator(torch.tensor([-1.0, 1.0], dtype=F64))).logdet(0.5)
+
+
+def test_damped_operator_routes_linear_operator_calls_through_the_factorisation():
+    torch.manual_seed(0)
+    model = register(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                         torch.nn.Linear(7, 3)).double())
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    _, op = curvop.TorchGGN(model, "classification").full_operator(X, Y)
+    H = ref.ggn(model, X, Y, "classification")
+    A = H + 0.4 * torch.eye(H.shape[0], dtype=F64)
+    D = factorize(op).operator(0.4)
+    b = torch.randn(H.shape[0], 2, dtype=F64, generator=g)
+    torch.testing.assert_close(D @ b, A @ b)
+    torch.testing.assert_close(D.diagonal(), A.diagonal())
+    torch.testing.assert_close(D.solve(b), torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(D.logdet(), torch.logdet(A), rtol=1e-10, atol=1e-8)
+    iq, ld = D.inv_quad_logdet(b, logdet=True)
+    torch.testing.assert_close(iq, (b * torch.linalg.solve(A, b)).sum(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ld, torch.logdet(A), rtol=1e-10, atol=1e-8)
+    with linear_operator.settings.max_cholesky_size(0):  # no silent fallback to its own CG
+        torch.testing.assert_close(linear_operator.solve(D, b), torch.linalg.solve(A, b),
+                                   rtol=1e-8, atol=1e-10)
+    # a shift already inside the operator stays in its products
+    S = factorize(op.add_diagonal(torch.tensor(0.1, dtype=F64))).operator(0.3)
+    torch.testing.assert_close(S @ b, A @ b)
+    torch.testing.assert_close(S.logdet(), torch.logdet(A), rtol=1e-10, atol=1e-8)
