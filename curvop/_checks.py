@@ -120,6 +120,20 @@ def check_outputs(f: Tensor, likelihood: Likelihood, sequence: bool = False) -> 
         raise InputError("the model's output holds non-finite values (nan or inf)")
 
 
+def _check_target_kind(y: object, batch_size: int, likelihood: Likelihood) -> None:
+    """Type, batch size and (for classification) integer dtype of ``y``, for both target checks."""
+    if not isinstance(y, Tensor):
+        raise InputTypeError(f"`y` must be a torch.Tensor; got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != batch_size:
+        got = "a scalar" if y.dim() == 0 else f"batch size {y.shape[0]}"
+        raise InputError(f"`x` and `y` must have the same batch size; `x` has {batch_size}, "
+                         f"`y` has {got}")
+    if likelihood is Likelihood.CLASSIFICATION and (
+            y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        raise InputTypeError(
+            f"`y` must hold integer class labels for classification; got dtype {y.dtype}")
+
+
 def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Likelihood) -> Tensor:
     """Check the targets ``y`` against the batch size and the output size.
 
@@ -130,17 +144,8 @@ def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Like
         InputTypeError: If ``y`` is not a tensor or has the wrong dtype kind.
         InputError: If its batch size, shape, range or finiteness is wrong.
     """
-    if not isinstance(y, Tensor):
-        raise InputTypeError(f"`y` must be a torch.Tensor; got {type(y).__name__}")
-    if y.dim() == 0 or y.shape[0] != batch_size:
-        got = "a scalar" if y.dim() == 0 else f"batch size {y.shape[0]}"
-        raise InputError(f"`x` and `y` must have the same batch size; `x` has {batch_size}, "
-                         f"`y` has {got}")
+    _check_target_kind(y, batch_size, likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise InputTypeError(
-                f"`y` must hold integer class labels for classification; got dtype {y.dtype}"
-            )
         if y.dim() != 1:
             raise InputError(f"`y` must have shape (batch,) for classification; "
                              f"got {tuple(y.shape)}")
@@ -176,16 +181,8 @@ def check_sequence_targets(y: object, batch_size: int, tokens: int, num_outputs:
         InputTypeError: If ``y`` is not a tensor or has the wrong dtype kind.
         InputError: If its batch size, shape, range or finiteness is wrong.
     """
-    if not isinstance(y, Tensor):
-        raise InputTypeError(f"`y` must be a torch.Tensor; got {type(y).__name__}")
-    if y.dim() == 0 or y.shape[0] != batch_size:
-        got = "a scalar" if y.dim() == 0 else f"batch size {y.shape[0]}"
-        raise InputError(f"`x` and `y` must have the same batch size; `x` has {batch_size}, "
-                         f"`y` has {got}")
+    _check_target_kind(y, batch_size, likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise InputTypeError(
-                f"`y` must hold integer class labels for classification; got dtype {y.dtype}")
         if tuple(y.shape) != (batch_size, tokens):
             raise InputError(
                 f"`y` must have shape {(batch_size, tokens)} (batch, seq) for token-level "
