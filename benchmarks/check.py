@@ -9,13 +9,15 @@ for ``--quick`` problems, where dense forms are small.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from benchmarks.problems import Problem
 
-__all__ = ["CHECKED_TASKS", "relative_error", "to_common_form"]
+__all__ = ["CHECKED_TASKS", "COVERAGE_TASKS", "covered_params", "relative_error",
+           "to_common_form"]
 
 CHECKED_TASKS = frozenset({
     "diag_ggn", "diag_ef", "jacobians", "full_ggn", "full_ef", "full_hessian", "ggn_product",
@@ -23,7 +25,31 @@ CHECKED_TASKS = frozenset({
 })  # fmt: skip
 """Deterministic tasks whose results are compared."""
 
+COVERAGE_TASKS = frozenset({"kfac_exact", "kfac_mc"})
+"""Tasks whose results are always checked to cover all `P` parameters (see
+:func:`covered_params`): some libraries silently leave out layers they do not support."""
+
 _MAX_DENSE = 4096
+
+
+def covered_params(out: Any) -> int | None:
+    """Number of parameters a Kronecker-factored result covers (``None``: unknown format).
+
+    Args:
+        out: What a KFAC entry's thunk returned: ``(loss, Kron)`` of curvop or laplace-torch,
+            a curvlinops ``KFACLinearOperator``, or BackPACK's per-parameter factor lists.
+
+    Returns:
+        The dimension of the block-diagonal matrix the result represents.
+    """
+    if isinstance(out, tuple) and len(out) == 2:
+        out = out[1]
+    if hasattr(out, "kfacs"):  # laplace.utils.Kron
+        return sum(math.prod(int(f.shape[0]) for f in block) for block in out.kfacs)
+    if isinstance(out, list) and all(isinstance(b, list) for b in out):  # BackPACK
+        return sum(math.prod(int(f.shape[0]) for f in block) for block in out)
+    shape = getattr(out, "shape", None)
+    return int(shape[-1]) if shape is not None and len(shape) >= 2 else None
 
 
 def _block_diag_kron(blocks: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -41,8 +41,8 @@ __all__ = ["RESULT_DEFAULTS", "fork_context", "measure_entry", "other_load", "ru
            "time_thunk"]
 
 RESULT_DEFAULTS: dict[str, Any] = {
-    "status": "error", "median_ms": None, "times_ms": [], "warmup_ms": None, "peak_mem_mb": None,
-    "peak_mem_reset": None, "error": None, "other_cpu_load": None,
+    "status": "error", "median_ms": None, "min_ms": None, "times_ms": [], "warmup_ms": None,
+    "peak_mem_mb": None, "peak_mem_reset": None, "error": None, "other_cpu_load": None,
 }
 """Every result dict has these keys (timeouts and crashes fill in the defaults)."""
 
@@ -251,9 +251,24 @@ def measure_entry(
     result["warmup_ms"] = 1e3 * warm
     result["times_ms"] = [1e3 * t for t in times]
     result["median_ms"] = 1e3 * statistics.median(times)
+    result["min_ms"] = 1e3 * min(times)
+    result.update(_coverage(spec, thunk, prob))
     if check:
         result.update(_check(problem, spec, thunk, prob, quick, dev))
     return result
+
+
+def _coverage(spec: Any, thunk: Callable[[], Any], prob: Any) -> dict[str, Any]:
+    """Mark a Kronecker-factored result that silently leaves out parameters as invalid."""
+    from benchmarks.check import COVERAGE_TASKS, covered_params
+
+    if spec.task not in COVERAGE_TASKS:
+        return {}
+    covered = covered_params(thunk())
+    if covered is None or covered == prob.num_params:
+        return {}
+    return {"status": "invalid", "error": f"result covers {covered} of {prob.num_params} "
+            "parameters (unsupported layers silently left out)"}
 
 
 def _check(problem: str, spec: Any, thunk: Callable[[], Any], prob: Any, quick: bool,

@@ -144,8 +144,8 @@ def _summary(payloads: list[dict[str, Any]]) -> list[str]:
         "## Summary",
         "",
         "Per problem and task: the curvop reference entry (time, × one forward+backward) and "
-        "the fastest other entry that ran (time relative to curvop; below 1 = faster than "
-        "curvop).",
+        "the fastest entry of another library that ran correctly (time relative to curvop; below "
+        "1 = faster than curvop).",
         "",
         "| problem | task | curvop ms (reference) | curvop × fwd+bwd | fastest other | "
         "its × curvop |",
@@ -160,7 +160,8 @@ def _summary(payloads: list[dict[str, Any]]) -> list[str]:
                 continue
             ref_name = rows[0].get("reference") or payload.get("reference", {}).get(task, [""])[0]
             ref = next((r for r in rows if r["entry"] == ref_name), None)
-            ok = [r for r in rows if r is not ref and r.get("median_ms") is not None]
+            ok = [r for r in rows if r.get("library") != "curvop" and r.get("status") == "ok"
+                  and r.get("median_ms") is not None]
             best = min(ok, key=lambda r: r["median_ms"], default=None)
             if ref is None or (ref.get("median_ms") is None and best is None):
                 continue
@@ -216,7 +217,8 @@ def render_markdown(payloads: list[dict[str, Any]]) -> str:
         "entry's result to the curvop reference's, after bringing both to a common dense form "
         "(Monte-Carlo tasks are not compared).",
         "- **skipped**: the dense result would exceed `--dense-gb`; **error**: the library "
-        "raised (message shown); **timeout**: killed after `--timeout` seconds.",
+        "raised (message shown); **timeout**: killed after `--timeout` seconds; **invalid**: it "
+        "ran but its Kronecker factors leave out parameters of unsupported layers.",
         "- Tasks: " + "; ".join(f"`{k}` {v}" for k, v in payloads[0]["tasks"].items()) + ".",
         "",
     ]
@@ -241,9 +243,13 @@ def write_readme(out: Path) -> Path:
     payloads = []
     for path in sorted(Path(out).glob("*.json")):
         try:
-            payloads.append(json.loads(path.read_text()))
+            payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        # other scripts may leave their own JSON files here; keep only this suite's
+        if isinstance(payload, dict) and isinstance(payload.get("results"), list) and isinstance(
+                payload.get("problem"), dict) and "machine" in payload:
+            payloads.append(payload)
     readme = Path(out) / "README.md"
     readme.write_text(render_markdown(payloads))
     return readme

@@ -6,9 +6,10 @@ Results go to ``<out>/<problem>_<device>.json`` (``..._quick.json`` in quick mod
 :mod:`benchmarks.report`).
 
 Examples:
-    Full CPU run (about 10 minutes on 2 cores)::
+    Full CPU run (about 15 minutes of measurements with one thread on a quiet 2-core
+    machine; longer when other processes share the cores)::
 
-        python -m benchmarks.run
+        python -m benchmarks.run --threads 1
 
     Smoke run of two tasks on one tiny problem::
 
@@ -199,6 +200,8 @@ def _busy_entries(path: Path, busy: float) -> list[str]:
 def _line(r: dict[str, Any]) -> str:
     if r.get("median_ms") is not None:
         what = f"{r['median_ms']:10.2f} ms  {r.get('peak_mem_mb') or 0:8.1f} MB"
+        if r.get("status") != "ok":
+            what += f"  {r.get('status', '?').upper()}: {(r.get('error') or '')[:70]}"
     else:
         what = f"{r.get('status', '?').upper()}: {(r.get('error') or '')[:90]}"
     if "check_rel_err" in r or "check_error" in r:

@@ -40,7 +40,7 @@ def test_quick_run_writes_json_and_readme(tmp_path):
     assert "curvop.TorchGGN.matvec" in entries
     for r in payload["results"]:
         assert RESULT_FIELDS <= set(r), r["entry"]
-        assert r["status"] in {"ok", "error", "skipped", "timeout"}
+        assert r["status"] in {"ok", "error", "skipped", "timeout", "invalid"}
         if r["status"] == "ok":
             assert r["median_ms"] > 0 and r["peak_mem_mb"] is not None
         else:
