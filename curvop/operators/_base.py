@@ -25,10 +25,25 @@ from curvop import _checks
 from curvop._functional import Batch, chunk_size
 from curvop.errors import NotSupportedError
 
-__all__ = ["CurvatureLinearOperator"]
+__all__ = ["CurvatureLinearOperator", "entries_by_products"]
 
 _BATCH = ("{cls} is a single `(P, P)` curvature matrix and has no batch dimensions; {what} "
           "is not supported")
+
+
+def entries_by_products(op: LinearOperator, row_index, col_index) -> Tensor:
+    """Entries ``op[row, col]`` of a symmetric matrix-free operator.
+
+    One product per distinct column: what linear_operator's pivoted-Cholesky preconditioner asks.
+    """
+    rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index, device=op.device),
+                                         torch.as_tensor(col_index, device=op.device))
+    P = op.shape[-1]
+    uniq, inverse = torch.unique(cols, return_inverse=True)
+    E = torch.zeros(uniq.numel(), P, dtype=op.dtype, device=op.device)
+    E[torch.arange(uniq.numel(), device=op.device), uniq] = 1
+    columns = op._matmul(E.T).T  # (u, P): row i is column uniq[i] (symmetric)
+    return columns[inverse, rows]
 
 
 class CurvatureLinearOperator(LinearOperator):
@@ -114,13 +129,7 @@ class CurvatureLinearOperator(LinearOperator):
     def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
         if batch_indices:
             raise NotSupportedError(_BATCH.format(cls=type(self).__name__, what="batch indexing"))
-        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index, device=self.device),
-                                             torch.as_tensor(col_index, device=self.device))
-        uniq, inverse = torch.unique(cols, return_inverse=True)
-        E = torch.zeros(uniq.numel(), self._P, dtype=self.dtype, device=self.device)
-        E[torch.arange(uniq.numel(), device=self.device), uniq] = 1
-        columns = self._matmul(E.T).T  # (u, P): row i is column uniq[i] (symmetric)
-        return columns[inverse, rows]
+        return entries_by_products(self, row_index, col_index)
 
     def _getitem(self, row_index, col_index, *batch_indices):
         if batch_indices:

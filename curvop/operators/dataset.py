@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from curvop import _checks
 from curvop.errors import InputError, InputTypeError, NotSupportedError
+from curvop.operators._base import entries_by_products
 
 __all__ = ["DatasetLinearOperator"]
 
@@ -154,6 +155,16 @@ class DatasetLinearOperator(LinearOperator):
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor):
         return (None,) * len(self.representation())
+
+    def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
+        if batch_indices:
+            raise NotSupportedError("a data-set curvature has no batch dimensions")
+        return entries_by_products(self, row_index, col_index)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        if batch_indices:
+            raise NotSupportedError("a data-set curvature has no batch dimensions")
+        return super()._getitem(row_index, col_index)
 
     def _expand_batch(self, batch_shape):
         if tuple(batch_shape) == ():
