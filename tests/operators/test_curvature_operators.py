@@ -232,3 +232,51 @@ class TestGGNOperatorSuite(_OperatorSuite, unittest.TestCase):
 
 class TestEFOperatorSuite(_OperatorSuite, unittest.TestCase):
     kind = "ef"
+
+
+# --- scipy --------------------------------------------------------------------------------
+
+def test_to_scipy_eigsh_cg_minres_lobpcg():
+    import numpy as np
+    import scipy.sparse.linalg as sla
+
+    model, x, y = Case("cnn", "classification").build()
+    _, op = curvop.TorchGGN(model, "classification").full_operator(x, y)
+    H = op.to_dense().numpy()
+    A = curvop.to_scipy(op)
+    assert A.shape == H.shape and A.dtype == np.float64
+    vals, vecs = sla.eigsh(A, k=3, which="LA", tol=1e-12)
+    exact = np.linalg.eigvalsh(H)[::-1][:3]
+    np.testing.assert_allclose(np.sort(vals)[::-1], exact, rtol=1e-8)
+    for i in range(3):  # eigenvectors up to sign
+        np.testing.assert_allclose(H @ vecs[:, i], vals[i] * vecs[:, i], atol=1e-8)
+    damped = curvop.to_scipy(op.add_diagonal(torch.tensor(0.1, dtype=torch.float64)))
+    b = np.random.default_rng(0).standard_normal(H.shape[0])
+    ref_sol = np.linalg.solve(H + 0.1 * np.eye(H.shape[0]), b)
+    for solver in (sla.cg, sla.minres):
+        sol, info = solver(damped, b, rtol=1e-12, maxiter=5000)
+        assert info == 0
+        np.testing.assert_allclose(sol, ref_sol, rtol=1e-6, atol=1e-8)
+    X0 = np.random.default_rng(1).standard_normal((H.shape[0], 2))
+    lv, _ = sla.lobpcg(A, X0, tol=1e-9, maxiter=500, largest=True)
+    np.testing.assert_allclose(np.sort(lv)[::-1], exact[:2], rtol=1e-5)
+    f32 = curvop.to_scipy(op, dtype=np.float32)
+    assert f32.dtype == np.float32 and f32.matvec(b.astype(np.float32)).dtype == np.float32
+
+
+def test_to_scipy_errors():
+    with pytest.raises(TypeError, match="`op` must be a linear_operator.LinearOperator"):
+        curvop.to_scipy([[1.0]])
+    with pytest.raises(ValueError, match=r"`op` must be a square 2-D \(P, P\) operator"):
+        curvop.to_scipy(torch.zeros(2, 3))
+
+
+@pytest.mark.gpu
+def test_to_scipy_on_cuda():
+    import numpy as np
+
+    model, x, y = Case("tanh_mlp", "regression", device="cuda").build()
+    _, op = curvop.TorchGGN(model, "regression").full_operator(x, y)
+    A = curvop.to_scipy(op)
+    v = np.ones(op.shape[0])
+    np.testing.assert_allclose(A.matvec(v), op.to_dense().cpu().numpy() @ v, rtol=1e-10)
