@@ -33,6 +33,7 @@ __all__ = [
     "check_fits",
     "check_positive_int",
     "available_bytes",
+    "check_square_operator",
 ]
 
 
@@ -356,6 +357,26 @@ def check_vector(v: object, size: int, dtype: torch.dtype, device: torch.device)
     if v.dtype != dtype:
         raise InputTypeError(f"the vector must have the operator's dtype {dtype}; got {v.dtype}")
     return v
+
+
+def check_square_operator(op: object, name: str = "op"):
+    """Coerce ``op`` (a ``LinearOperator`` or a tensor) to a square `(P, P)` LinearOperator.
+
+    Raises:
+        InputTypeError: If ``op`` is neither a LinearOperator nor a tensor.
+        InputError: If it is not a square 2-D operator.
+    """
+    from linear_operator.operators import LinearOperator, to_linear_operator
+
+    if isinstance(op, Tensor):
+        op = to_linear_operator(op)
+    if not isinstance(op, LinearOperator):
+        raise InputTypeError(f"`{name}` must be a linear_operator.LinearOperator or a tensor; "
+                             f"got {type(op).__name__}")
+    if op.dim() != 2 or op.shape[0] != op.shape[1]:
+        raise InputError(f"`{name}` must be a square 2-D (P, P) operator; got shape "
+                         f"{tuple(op.shape)}")
+    return op
 
 
 def available_bytes(device: torch.device) -> int:

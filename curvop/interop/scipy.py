@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse.linalg
 import torch
-from linear_operator.operators import LinearOperator, to_linear_operator
+from linear_operator.operators import LinearOperator
 
-from curvop.errors import InputError, InputTypeError
+from curvop._checks import check_square_operator
 
 __all__ = ["to_scipy"]
 
@@ -39,13 +39,7 @@ def to_scipy(op: LinearOperator | torch.Tensor, dtype: np.dtype | type = np.floa
         >>> x.round(6).tolist(), info
         ([1.0, 1.0, 1.0], 0)
     """
-    if isinstance(op, torch.Tensor):
-        op = to_linear_operator(op)
-    if not isinstance(op, LinearOperator):
-        raise InputTypeError(f"`op` must be a linear_operator.LinearOperator or a tensor; got "
-                             f"{type(op).__name__}")
-    if op.dim() != 2 or op.shape[0] != op.shape[1]:
-        raise InputError(f"`op` must be a square 2-D operator; got shape {tuple(op.shape)}")
+    op = check_square_operator(op)
     P = op.shape[0]
     torch_dtype, device = op.dtype, op.device
     np_dtype = np.dtype(dtype)

@@ -33,7 +33,8 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from curvop import _checks
-from curvop.errors import InputError, InputTypeError, NotSupportedError
+from curvop._checks import check_square_operator
+from curvop.errors import InputError, NotSupportedError
 from curvop.linalg._common import Estimate, as_deltas, check_rhs
 from curvop.linalg.dual import DataSpaceDual, DualFactorization, sqrt_form_batches
 from curvop.linalg.krylov import cg, minres
@@ -437,15 +438,7 @@ def factorize(op, *, method: str = "auto", dual: str = "auto", refine: int = 0,
         raise InputError(f"`method` must be one of {_ROUTES}; got {method!r}")
     if solver not in ("cg", "minres"):
         raise InputError(f"`solver` must be 'cg' or 'minres'; got {solver!r}")
-    if isinstance(op, Tensor):
-        if op.dim() != 2 or op.shape[0] != op.shape[1]:
-            raise InputError(f"`op` must be square (P, P); got {tuple(op.shape)}")
-        op = DenseLinearOperator(op)
-    if not isinstance(op, LinearOperator):
-        raise InputTypeError(f"`op` must be a LinearOperator or a tensor; got "
-                             f"{type(op).__name__}")
-    if op.dim() != 2 or op.shape[0] != op.shape[1]:
-        raise InputError(f"`op` must be a square (P, P) operator; got {tuple(op.shape)}")
+    op = check_square_operator(op)
     opts = dict(num_probes=num_probes, max_steps=max_steps, quad_tol=quad_tol, seed=seed,
                 generator=generator, solver=solver, precond=precond, rtol=rtol,
                 max_iter=max_iter)
