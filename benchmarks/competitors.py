@@ -180,8 +180,9 @@ def _baseline(problem: Problem) -> Thunk:
 
 
 def _interface(module: str, cls_name: str, method: str, stochastic: bool = False,
-               guard: Callable[[Problem], None] | None = None) -> Callable[[Problem], Thunk]:
-    """Setup calling ``cls(model, likelihood).method(...)`` (curvop and laplace-torch)."""
+               guard: Callable[[Problem], None] | None = None,
+               options: dict[str, Any] | None = None) -> Callable[[Problem], Thunk]:
+    """Setup calling ``cls(model, likelihood).method(..., **options)`` (curvop, laplace-torch)."""
 
     def setup(problem: Problem) -> Thunk:
         if guard is not None:
@@ -193,7 +194,8 @@ def _interface(module: str, cls_name: str, method: str, stochastic: bool = False
         fn = getattr(iface, method)
         x, y = problem.x, problem.y
         args = {"jacobians": (x,), "kron": (x, y, problem.batch_size)}.get(method, (x, y))
-        return lambda: fn(*args)
+        kwargs = dict(options or {})
+        return lambda: fn(*args, **kwargs)
 
     return setup
 
@@ -378,6 +380,15 @@ def _build_registry() -> None:
       "construct + compute_kronecker_factors")
     r("backpack.KFLR", "kfac_exact", _backpack_extension("KFLR"))
     _curvop_family("kfac_mc", "kron", ggn, stochastic=True)
+    # Layers without a Kronecker form (LayerNorm, Embedding in the transformer problems) make
+    # the plain entries raise; these give such tensors their exact diagonal instead.
+    for task, stochastic in (("kfac_exact", False), ("kfac_mc", True)):
+        tag = "[mc]" if stochastic else ""
+        r(f"curvop.TorchGGN{tag}.kron[fallback=diag]", task,
+          _interface("curvop", "TorchGGN", "kron", stochastic=stochastic,
+                     options={"fallback": "diag"}),
+          "kron(x, y, N, fallback='diag'): layers without a Kronecker form get their exact "
+          "diagonal", reference=True)
     r("curvlinops.KFAC[mc]", "kfac_mc", _curvlinops_kfac("mc"),
       "construct + compute_kronecker_factors")
     r("backpack.KFAC", "kfac_mc", _backpack_extension("KFAC"))
