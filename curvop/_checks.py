@@ -397,6 +397,21 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit (bytes, KiB, MiB, GiB, TiB) that keeps it >= 1.
+
+    Args:
+        n: A number of bytes (non-negative).
+
+    Returns:
+        E.g. ``'512 bytes'``, ``'1.50 KiB'``, ``'3.00 GiB'``.
+    """
+    if n < 1024:
+        return f"{int(n)} byte{'' if int(n) == 1 else 's'}"
+    exponent = min(4, (int(n).bit_length() - 1) // 10)
+    return f"{n / 1024**exponent:.2f} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"
+
+
 def check_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str,
                max_bytes: int | None = None) -> None:
     """Raise before allocating a result of ``shape`` that cannot fit.
@@ -413,7 +428,7 @@ def check_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     limit = max_bytes if max_bytes is not None else available_bytes(device)
     if need > limit:
         raise MemoryBudgetError(
-            f"{what} of shape {tuple(shape)} ({dtype}) needs {need / 2**30:.2f} GiB, more than "
-            f"the {limit / 2**30:.2f} GiB {'allowed by max_bytes' if max_bytes else 'free'} on "
+            f"{what} of shape {tuple(shape)} ({dtype}) needs {format_bytes(need)}, more than "
+            f"the {format_bytes(limit)} {'allowed by max_bytes' if max_bytes else 'free'} on "
             f"{device}; use a lazy operator (full_operator / diag / kron) or a subnetwork"
         )

@@ -182,3 +182,19 @@ def test_guide_snippets_run(page, single_thread, monkeypatch, tmp_path):
         pytest.skip(f"{page.name} has no python blocks")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("limit,text", [(100, "100 bytes"), (3 * 1024, "3.00 KiB"),
+                                        (5 << 20, "5.00 MiB"), (7 << 30, "7.00 GiB")])
+def test_memory_budget_message_names_a_readable_unit(limit, text):
+    """The message of a refused allocation prints the limit in a unit that shows it (not
+    "0.00 GiB" for a small ``max_bytes``), and the need in the same style."""
+    from curvop._checks import check_fits
+    from curvop.errors import MemoryBudgetError
+
+    shape = (limit // 8 + 1,)  # float64: 8 bytes more than the limit
+    with pytest.raises(MemoryBudgetError) as info:
+        check_fits(shape, torch.float64, torch.device("cpu"), "H", max_bytes=limit)
+    message = str(info.value)
+    assert f"the {text} allowed by max_bytes" in message, message
+    assert "0.00 " not in message, message
