@@ -63,13 +63,23 @@ class FeatureExtractor(nn.Module):
             self.last_layer_name, self.last_layer = last_layer_name, modules[last_layer_name]
 
     def forward(self, x: Tensor) -> Tensor:
-        """The wrapped model's output."""
+        """The wrapped model's output.
+
+        Args:
+            x: Inputs `(B, ...)`.
+
+        Returns:
+            ``model(x)``.
+        """
         return self.model(x)
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the output ``f`` `(B, C)` and the last layer's input ``phi`` `(B, D)`.
 
         The hook that captures ``phi`` exists only during this call.
+
+        Args:
+            x: Inputs `(B, ...)`.
 
         Raises:
             InputError: If the last layer's output is not the model's output.

@@ -56,3 +56,16 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"curvop {release}"
 html_static_path = ["_static"]
+html_css_files = ["curvop.css"]
+
+# --- math ----------------------------------------------------------------------------------
+# MathJax comes from its CDN when a page is opened. For reading the pages offline, point
+# CURVOP_DOCS_MATHJAX at a local MathJax 2 (Debian: apt-get install libjs-mathjax,
+# /usr/share/javascript/mathjax/MathJax.js) when building.
+if os.environ.get("CURVOP_DOCS_MATHJAX"):
+    mathjax_path = (Path(os.environ["CURVOP_DOCS_MATHJAX"]).resolve().as_uri()
+                    + "?config=TeX-AMS-MML_HTMLorMML")
+    mathjax2_config = {"tex2jax": {"inlineMath": [["\\(", "\\)"]],
+                                   "displayMath": [["\\[", "\\]"]],
+                                   "processEscapes": True, "ignoreClass": "document",
+                                   "processClass": "math|output_area"}}

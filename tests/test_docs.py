@@ -198,3 +198,19 @@ def test_memory_budget_message_names_a_readable_unit(limit, text):
     message = str(info.value)
     assert f"the {text} allowed by max_bytes" in message, message
     assert "0.00 " not in message, message
+
+
+def test_unsupported_kron_suggests_a_class_that_has_it():
+    """``TorchHessian.kron`` points to the classes whose ``kron`` exists, not to itself."""
+    import curvop
+    from curvop.errors import NotSupportedError
+
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(NotSupportedError) as info:
+        curvop.TorchHessian(model, "classification").kron(x, y, 4)
+    suggestion = str(info.value).split("; use ", 1)[1]
+    assert "TorchHessian" not in suggestion and "TorchGGN" in suggestion, str(info.value)
+    for name in ("TorchGGN", "TorchEF"):
+        loss, K = getattr(curvop, name)(model, "classification").kron(x, y, 4)
+        assert K.shape == (8, 8)

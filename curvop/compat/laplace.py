@@ -253,6 +253,10 @@ class CurvopBackend(LaplaceCurvatureInterface):
     def jacobians(self, x: Tensor, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """Per-sample Jacobians in laplace-torch's layout.
 
+        Args:
+            x: Inputs `(B, ...)`.
+            enable_backprop: Must be False: curvop's Jacobians are detached.
+
         Returns:
             ``(Js, f)``: ``Js`` `(B, C, P)`, ``f`` `(B, C)`.
 
@@ -267,14 +271,38 @@ class CurvopBackend(LaplaceCurvatureInterface):
 
     def last_layer_jacobians(self, x: Tensor, enable_backprop: bool = False
                              ) -> tuple[Tensor, Tensor]:
-        """Per-sample Jacobians in the last layer's parameters, ``Js`` `(B, C, P_last)`."""
+        """Per-sample Jacobians in the last layer's parameters, in laplace-torch's layout.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            enable_backprop: Must be False: curvop's Jacobians are detached.
+
+        Returns:
+            ``(Js, f)``: ``Js`` `(B, C, P_last)`, ``f`` `(B, C)`.
+
+        Raises:
+            NotSupportedError: For ``enable_backprop=True``.
+        """
         _no_backprop(enable_backprop, "last_layer_jacobians")
         Js, f = self.curvature.last_layer_jacobians(x)
         return Js.transpose(1, 2), f
 
     def selected_output_jacobians(self, x: Tensor, outputs: Tensor,
                                   enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
-        """Jacobians of the outputs ``outputs`` `(B,)` or `(B, K)` per sample, `(B, K, P)`."""
+        """Jacobians of selected outputs per sample (laplace-torch's ``selected_output_jacobians``).
+
+        Args:
+            x: Inputs `(B, ...)`.
+            outputs: Indices of the outputs, one per sample `(B,)` or ``K`` per sample `(B, K)`.
+            enable_backprop: Must be False: curvop's Jacobians are detached.
+
+        Returns:
+            ``(Js, f)``: ``Js`` `(B, K, P)` (`(B, 1, P)` for `(B,)` indices), ``f`` `(B, C)`.
+
+        Raises:
+            InputError: If ``outputs`` is not `(B,)` or `(B, K)`.
+            NotSupportedError: For ``enable_backprop=True``.
+        """
         Js, f = self.jacobians(x, enable_backprop)
         outputs = outputs[:, None] if outputs.ndim == 1 else outputs
         if outputs.ndim != 2 or outputs.shape[0] != Js.shape[0]:
@@ -286,6 +314,10 @@ class CurvopBackend(LaplaceCurvatureInterface):
     def gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of ``lossfunc`` (no ``factor``), laplace-torch's convention.
 
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets `(B,)` (classification) or `(B, C)` (regression).
+
         Returns:
             ``(Gs, loss)``: ``Gs`` `(B, P)` and ``lossfunc(f, y)``.
         """
@@ -293,30 +325,69 @@ class CurvopBackend(LaplaceCurvatureInterface):
         return Gs / self.factor, loss / self.factor
 
     def full(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """``(loss, H)``: the dense curvature `(P, P)` of the batch (laplace-torch's scale)."""
+        """The dense curvature of the batch, in laplace-torch's scale.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets `(B,)` or `(B, C)`.
+            **kwargs: Only laplace-torch's ``N`` (ignored).
+
+        Returns:
+            ``(loss, H)``: ``factor * lossfunc`` and ``H`` `(P, P)`.
+
+        Raises:
+            InputTypeError: For an option other than ``N``.
+        """
         _no_options(kwargs, "full")
         loss, H = self.curvature.full(x, y)
         return loss, H * self._scale
 
     def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """``(loss, h)``: the exact diagonal `(P,)` of the batch's curvature."""
+        """The exact diagonal of the batch's curvature, in laplace-torch's scale.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets `(B,)` or `(B, C)`.
+            **kwargs: Only laplace-torch's ``N`` (ignored).
+
+        Returns:
+            ``(loss, h)``: ``factor * lossfunc`` and ``h`` `(P,)`.
+
+        Raises:
+            InputTypeError: For an option other than ``N``.
+        """
         _no_options(kwargs, "diag")
         loss, h = self.curvature.diag(x, y)
         return loss, h * self._scale
 
     def kron(self, x: Tensor, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, LaplaceKron]:
-        """``(loss, H)``: Kronecker factors of the batch as laplace-torch's ``Kron``.
+        """Kronecker factors of the batch as laplace-torch's ``Kron``.
 
-        ``kwargs`` go to curvop's ``kron`` (``approx``, ``fallback``); see
-        :func:`to_laplace_kron` for the scaling.
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets `(B,)` or `(B, C)`.
+            N: Size of the whole data set (the input-side factors are divided by it).
+            **kwargs: Options of curvop's ``kron`` (``approx``, ``fallback``).
+
+        Returns:
+            ``(loss, H)``: ``factor * lossfunc`` and a ``laplace.utils.matrix.Kron`` (see
+            :func:`to_laplace_kron` for the scaling).
         """
         loss, K = self.curvature.kron(x, y, N, **kwargs)
         return loss, to_laplace_kron(K, self.factor, self._scale, self.params)
 
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
-        """Top ``low_rank`` eigenpairs over the loader: ``(U (P, k), eigenvalues (k,), loss)``.
+        """Top ``low_rank`` eigenpairs of the curvature over a data set.
 
         What laplace-torch's ``LowRankLaplace.fit`` calls (curvop's ``eig_lowrank``).
+
+        Args:
+            data_loader: An iterable of ``(x, y)`` batches that yields the same batches on
+                every pass.
+
+        Returns:
+            ``(U, eigenvalues, loss)``: ``U`` `(P, k)`, eigenvalues `(k,)` in laplace-torch's
+            scale, and the summed loss.
         """
         U, lam, loss = self.curvature.eig_lowrank(data_loader)
         return U, lam * self._scale, loss
@@ -350,6 +421,20 @@ class LowRankLaplace(_laplace.LowRankLaplace):
     ``fit(train_loader)`` passes the loader to curvop's ``eig_lowrank``, which streams it several
     times: it must yield the same batches in the same order on every pass (``shuffle=False``).
 
+    Args:
+        model: The network.
+        likelihood: ``'classification'`` or ``'regression'``.
+        backend: A backend class with ``eig_lowrank`` (default ``CurvopHessian``).
+        sigma_noise: Observation noise (regression), as in laplace-torch.
+        prior_precision: Precision of the Gaussian prior, as in laplace-torch.
+        prior_mean: Mean of the prior, as in laplace-torch.
+        temperature: Temperature of the likelihood, as in laplace-torch.
+        enable_backprop: As in laplace-torch (curvop's Jacobians are detached, so leave it
+            False).
+        dict_key_x: Accepted for laplace-torch; curvop takes tensor inputs only.
+        dict_key_y: As ``dict_key_x``.
+        backend_kwargs: Options of the backend (e.g. ``{"low_rank": 20}``).
+
     Raises:
         NotSupportedError: If ``backend`` has no ``eig_lowrank``.
         InputError: From ``fit``, if the loader changes between passes (e.g. it shuffles).
@@ -382,6 +467,19 @@ def Laplace(model: nn.Module, likelihood: str, subset_of_weights: str = "last_la
 
     ``backend`` defaults to ``CurvopGGN`` (``CurvopHessian`` for ``hessian_structure=
     'lowrank'``, which gives :class:`LowRankLaplace`); every other argument is laplace-torch's.
+
+    Args:
+        model: The network.
+        likelihood: ``'classification'`` or ``'regression'``.
+        subset_of_weights: ``'last_layer'``, ``'subnetwork'`` or ``'all'``.
+        hessian_structure: ``'kron'``, ``'diag'``, ``'full'`` or (with ``'all'``)
+            ``'lowrank'``.
+        *args: Passed on to laplace-torch.
+        **kwargs: Passed on to laplace-torch (``backend``, ``prior_precision``, ...).
+
+    Returns:
+        The laplace-torch Laplace object (a :class:`LowRankLaplace` for ``'all'`` +
+        ``'lowrank'``).
 
     Raises:
         ValueError: For combinations laplace-torch rejects (its own error).

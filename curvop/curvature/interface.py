@@ -204,6 +204,10 @@ class CurvatureInterface:
                              ) -> tuple[Tensor, Tensor]:
         """Per-sample Jacobians in the last layer's parameters, whatever ``last_layer`` is.
 
+        Args:
+            x: Inputs `(B, ...)`.
+            enable_backprop: Accepted for laplace-torch compatibility; results are detached.
+
         Returns:
             ``(Js, f)``: ``Js`` `(B, P_last, C)`, ``f`` `(B, C)`.
 
@@ -220,6 +224,11 @@ class CurvatureInterface:
 
     def gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of the loss (``factor`` included).
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets: labels `(B,)` (classification) or values `(B, C)` (regression);
+                `(B, T)` / `(B, T, C)` for token-level outputs.
 
         Returns:
             ``(loss, Gs)``: the summed loss (scalar) and ``Gs`` `(B, P)`.
@@ -238,6 +247,11 @@ class CurvatureInterface:
     def full(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The dense curvature of the batch.
 
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets: labels `(B,)` (classification) or values `(B, C)` (regression);
+                `(B, T)` / `(B, T, C)` for token-level outputs.
+
         Returns:
             ``(loss, H)``: ``H`` `(P, P)`.
 
@@ -255,6 +269,11 @@ class CurvatureInterface:
 
     def diag(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The exact diagonal of the curvature of the batch.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets: labels `(B,)` (classification) or values `(B, C)` (regression);
+                `(B, T)` / `(B, T, C)` for token-level outputs.
 
         Returns:
             ``(loss, h)``: ``h`` `(P,)`.
@@ -275,6 +294,11 @@ class CurvatureInterface:
         ``op.to_dense()`` equals ``full(x, y)[1]``; ``op @ v`` runs Jacobian-vector and
         vector-Jacobian products through the model (on its device) for ``v`` `(P,)`,
         `(P, k)` or `(*b, P, k)`. The operator keeps ``x``, ``y`` and references the model.
+
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets: labels `(B,)` (classification) or values `(B, C)` (regression);
+                `(B, T)` / `(B, T, C)` for token-level outputs.
 
         Returns:
             ``(loss, op)``.
@@ -303,7 +327,7 @@ class CurvatureInterface:
         """The curvature summed over every ``(x, y)`` batch of ``loader``, matrix-free.
 
         Products stream the batches (on the model's device). See
-        :class:`~curvop.operators.DatasetLinearOperator`.
+        :class:`~curvop.operators.dataset.DatasetLinearOperator`.
 
         Args:
             loader: Re-iterable ``(x, y)`` batches in a fixed order (e.g. a ``DataLoader``
@@ -312,7 +336,7 @@ class CurvatureInterface:
             progress: tqdm bar on every pass (default: for more than 10 batches).
 
         Returns:
-            A `(P, P)` :class:`~curvop.operators.DatasetLinearOperator`; its ``loss`` is the
+            A `(P, P)` :class:`~curvop.operators.dataset.DatasetLinearOperator`; its ``loss`` is the
             summed loss.
 
         Raises:
@@ -358,8 +382,17 @@ class CurvatureInterface:
     def diag_operator(self, x: Tensor, y: Tensor) -> tuple[Tensor, DiagLinearOperator]:
         """The exact diagonal as a ``DiagLinearOperator``.
 
+        Args:
+            x: Inputs `(B, ...)`.
+            y: Targets: labels `(B,)` (classification) or values `(B, C)` (regression);
+                `(B, T)` / `(B, T, C)` for token-level outputs.
+
         Returns:
             ``(loss, op)`` with ``op.diagonal() == diag(x, y)[1]``.
+
+        Raises:
+            InputError: On malformed ``x``/``y``.
+            NotSupportedError: If this backend has no exact diagonal.
         """
         loss, h = self.diag(x, y)
         return loss, DiagLinearOperator(h)

@@ -14,6 +14,8 @@ from curvop.curvature.torch_func import TorchEF, TorchGGN, TorchHessian
 
 __all__ = ["BACKENDS", "OPTIONAL_BACKEND_MODULES"]
 
+#: backend name (``"torch"``, ``"backpack"``, ``"asdl"``) → kind (``"ggn"``, ``"ef"``,
+#: ``"hessian"``) → interface class; the optional backends are registered on import
 BACKENDS: dict[str, dict[str, type[CurvatureInterface]]] = {
     "torch": {"ggn": TorchGGN, "ef": TorchEF, "hessian": TorchHessian},
 }

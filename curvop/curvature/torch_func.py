@@ -64,6 +64,10 @@ class TorchGGN(_TorchBase, GGNInterface):
         low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
         **kwargs: ``memory_budget``, ``max_bytes``, ``ignore_index``.
 
+    Raises:
+        InputError, InputTypeError: If an argument is malformed (see
+            :class:`~curvop.curvature.GGNInterface`), or ``low_rank`` is not a positive int.
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
@@ -150,10 +154,19 @@ class TorchHessian(_TorchBase, HessianOperatorMixin, CurvatureInterface):
             :class:`~curvop.curvature.CurvatureInterface`.
         low_rank: Number of eigenpairs :meth:`eig_lowrank` returns.
         **kwargs: ``memory_budget``, ``max_bytes``, ``ignore_index``.
+
+    Raises:
+        InputError, InputTypeError: If an argument is malformed (see
+            :class:`~curvop.curvature.CurvatureInterface`), or ``low_rank`` is not a positive
+            int.
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
         {"_jacobians", "_gradients", "_full", "_diag", "_full_operator"})
+    #: only ``kron`` is missing here, and the Hessian has no Kronecker-factored form to offer
+    alternative: ClassVar[str] = (
+        "TorchGGN(...).kron or TorchEF(...).kron (KFAC of the GGN / empirical Fisher; the "
+        "Hessian has no Kronecker-factored form here)")
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, low_rank: int = 10,

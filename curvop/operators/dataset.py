@@ -47,6 +47,8 @@ class DatasetLinearOperator(LinearOperator):
         loader: An iterable of ``(x, y)`` batches, re-iterable, same order on every pass.
         cache: Keep per-batch linearisations (``None``: while they fit ``memory_budget``).
         progress: Show a tqdm bar per pass (``None``: for loaders of more than 10 batches).
+        state: Internal: the first pass's results, shared by the copies linear_operator
+            rebuilds inside every product. Leave it out.
 
     Raises:
         InputTypeError: If ``loader`` yields something other than ``(x, y)`` pairs.
@@ -131,7 +133,20 @@ class DatasetLinearOperator(LinearOperator):
         return total
 
     def matmul(self, other):
-        """``self @ other`` with ``other`` checked first (length, dtype, device)."""
+        """``self @ other``, streaming the batches once, with ``other`` checked first.
+
+        Args:
+            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)` of the operator's dtype
+                and device, or a LinearOperator with ``P`` rows.
+
+        Returns:
+            The product, shaped like ``other``.
+
+        Raises:
+            InputError: If ``other`` has the wrong length or device, or the loader changed
+                since the first pass.
+            InputTypeError: If ``other`` is not a tensor of the operator's dtype.
+        """
         if isinstance(other, Tensor):
             _checks.check_vector(other, self._P, self.dtype, self.device)
         return super().matmul(other)
@@ -143,7 +158,14 @@ class DatasetLinearOperator(LinearOperator):
         return sum(op._diagonal() for op in self._ops())
 
     def to_dense(self) -> Tensor:
-        """The dense `(P, P)` sum (each batch assembled its own cheapest way)."""
+        """The dense `(P, P)` sum (each batch assembled its own cheapest way).
+
+        Returns:
+            A `(P, P)` tensor of the operator's dtype and device.
+
+        Raises:
+            MemoryBudgetError: If the `(P, P)` matrix does not fit (raised before allocating).
+        """
         _checks.check_fits((self._P, self._P), self.dtype, self.device, "the dense operator")
         return sum(op.to_dense() for op in self._ops())
 
@@ -157,9 +179,18 @@ class DatasetLinearOperator(LinearOperator):
         return (None,) * len(self.representation())
 
     def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
+        """Entries ``A[row, col]`` by products: one per distinct index of the sparser side.
+
+        The operator is symmetric, so a row is a column: linear_operator's pivoted Cholesky
+        asks for one whole row (``A[i, :]``), which costs one product, not `P`.
+        """
         if batch_indices:
             raise NotSupportedError("a data-set curvature has no batch dimensions")
-        return entries_by_products(self, row_index, col_index)
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index, device=self.device),
+                                             torch.as_tensor(col_index, device=self.device))
+        if torch.unique(rows).numel() < torch.unique(cols).numel():
+            rows, cols = cols, rows  # A[r, c] = A[c, r]
+        return entries_by_products(self, rows, cols)
 
     def _getitem(self, row_index, col_index, *batch_indices):
         if batch_indices:

@@ -279,6 +279,13 @@ class _KronBase(LinearOperator):
     def matmul(self, other: Tensor | LinearOperator) -> Tensor | LinearOperator:
         """``K @ other`` for ``other`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
 
+        Args:
+            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)`, or a LinearOperator
+                with ``P`` rows.
+
+        Returns:
+            ``K @ other``, shaped like ``other`` (a LinearOperator for a LinearOperator).
+
         Raises:
             InputError: if ``other`` has the wrong length or device.
             InputTypeError: if ``other`` is not a tensor or has another dtype.
@@ -320,6 +327,9 @@ class _KronBase(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The dense `(P, P)` matrix ``blockdiag(torch.kron(A, B), C, ...)`` (+ the shift).
+
+        Returns:
+            A `(P, P)` tensor of the operator's dtype and device.
 
         Raises:
             MemoryBudgetError: if the `(P, P)` matrix does not fit in free memory.
@@ -498,7 +508,20 @@ class _KronBase(LinearOperator):
         return self._spectral_apply(rhs, torch.reciprocal)
 
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
-        """Exact ``K^{-1/2} R`` (and, with ``lhs``, ``(L K^{-1/2} R, rowsum((L K^{-1/2})²))``)."""
+        """Exact ``K^{-1/2} R`` through the factor eigenbases.
+
+        Args:
+            rhs: ``R`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
+            lhs: Optional ``L`` of shape `(..., O, P)`.
+
+        Returns:
+            ``K^{-1/2} R`` shaped like ``R``; with ``lhs``, the pair
+            ``(L K^{-1/2} R, rowsum((L K^{-1/2})²))`` as linear_operator defines it.
+
+        Raises:
+            InputError: If ``R`` has the wrong length or device, or ``K`` is singular.
+            InputTypeError: If ``R`` is not a tensor of the operator's dtype.
+        """
         self._check_rhs(rhs, "rhs")
         self._positive_spectrum("sqrt_inv_matmul()")
         res = self._spectral_apply(rhs, torch.rsqrt)
@@ -518,16 +541,34 @@ class _KronBase(LinearOperator):
         return sum(torch.log(lam).sum() for lam, _ in spec)
 
     def logdet(self) -> Tensor:
-        """Exact ``log det`` from the eigenvalues.
+        """Exact ``log det K`` from the eigenvalues of the factors.
 
         For an undamped :class:`Kron` with a singular factor (e.g. rank-1 KFAC factors) this is
-        ``-inf``: eigenvalues below the rank tolerance are exactly zero (see
-        :meth:`_factor_eigs`). Damp first (``K.damped(δ)``) for a finite value.
+        ``-inf``: factor eigenvalues below the rank tolerance are set to exactly zero. Damp first
+        (``K.damped(δ)``) for a finite value.
+
+        Returns:
+            A scalar tensor: ``Σ_b Σ log λ_b`` over the eigenvalues of every block.
+
+        Raises:
+            InputError: If ``K`` has a negative eigenvalue (not positive semi-definite).
         """
         return self._logdet_exact()
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
-        """Exact ``diag(Rᵀ K⁻¹ R)`` (summed over columns if ``reduce_inv_quad``)."""
+        """Exact ``diag(Rᵀ K⁻¹ R)`` (summed over columns if ``reduce_inv_quad``).
+
+        Args:
+            inv_quad_rhs: ``R`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
+            reduce_inv_quad: Sum the terms over the ``k`` columns.
+
+        Returns:
+            The terms, `(..., k)`, or their sum `(...)` (a scalar for a `(P,)` ``R``).
+
+        Raises:
+            InputError: If ``R`` is malformed or ``K`` is singular.
+            InputTypeError: If ``R`` is not a tensor of the operator's dtype.
+        """
         return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
 
     def inv_quad_logdet(
@@ -591,18 +632,48 @@ class _KronBase(LinearOperator):
         return _BlockDiag(*blocks)
 
     def diagonalization(self, method: str | None = None):
-        """Exact ``(eigenvalues `(P,)`, eigenvectors)``; ``method`` is ignored (always exact)."""
+        """Exact eigendecomposition from the factors' eigenbases.
+
+        Args:
+            method: Ignored (accepted for linear_operator compatibility); always exact.
+
+        Returns:
+            ``(eigenvalues, eigenvectors)``: `(P,)` eigenvalues, block by block (not sorted),
+            and a lazy `(P, P)` orthogonal ``blockdiag(Q_A ⊗ Q_B, Q_C, ...)``.
+        """
         return self._symeig(eigenvectors=True)
 
     def root_decomposition(self, method: str | None = None) -> RootLinearOperator:
-        """Exact lazy root ``R = blockdiag((Q_A ⊗ Q_B) Λ^{1/2})`` with ``R Rᵀ = K``."""
+        """Exact lazy root ``R = blockdiag((Q_A ⊗ Q_B) Λ^{1/2})`` with ``R Rᵀ = K``.
+
+        Args:
+            method: Ignored (accepted for linear_operator compatibility); always exact.
+
+        Returns:
+            A ``RootLinearOperator`` whose ``root`` is the lazy `(P, P)` ``R``.
+
+        Raises:
+            InputError: If ``K`` has a negative eigenvalue.
+        """
         spec = self._shifted_spectrum()
         if any(bool((lam < 0).any()) for lam, _ in spec):
             raise InputError("root_decomposition() needs a positive semi-definite operator")
         return RootLinearOperator(self._eig_operator(spec, torch.sqrt))
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
-        """Exact lazy inverse root ``R = blockdiag((Q_A ⊗ Q_B) Λ^{-1/2})`` with ``R Rᵀ = K⁻¹``."""
+        """Exact lazy inverse root ``R = blockdiag((Q_A ⊗ Q_B) Λ^{-1/2})`` with ``R Rᵀ = K⁻¹``.
+
+        Args:
+            initial_vectors: Ignored (linear_operator's Lanczos start; not needed here).
+            test_vectors: Ignored (as ``initial_vectors``).
+            method: Ignored; always exact.
+
+        Returns:
+            A ``RootLinearOperator`` whose ``root`` is the lazy `(P, P)` ``R``.
+
+        Raises:
+            InputError: If ``K`` is singular or not positive semi-definite.
+        """
         spec = self._positive_spectrum("root_inv_decomposition()")
         return RootLinearOperator(self._eig_operator(spec, torch.rsqrt))
 
@@ -652,7 +723,14 @@ class _KronBase(LinearOperator):
         return route_added_diag(self, diag, options)
 
     def add_jitter(self, jitter_val: float = 1e-3) -> LinearOperator:
-        """``K + jitter_val · I`` (exact; see :meth:`add_diagonal`)."""
+        """``K + jitter_val · I``, solved exactly (see :meth:`add_diagonal`).
+
+        Args:
+            jitter_val: The multiple of the identity to add.
+
+        Returns:
+            A :class:`~curvop.operators.DampedKron`.
+        """
         return self.add_diagonal(torch.as_tensor(jitter_val, dtype=self.dtype, device=self.device))
 
     def damped(self, delta: float | Tensor | Sequence[float]) -> LinearOperator:
@@ -711,6 +789,8 @@ class Kron(_KronBase):
     Args:
         kfacs: list of blocks, each ``[A, B]`` (block ``A ⊗ B``) or ``[C]`` (dense block);
             lists or tuples of square, symmetric, finite tensors of one dtype and device.
+        layout: Internal: with the flat factors as positional arguments, the number of factors
+            per block (see the note below). Leave it out.
 
     Raises:
         InputTypeError: if ``kfacs`` is not a list of lists of floating tensors, or dtypes differ.
@@ -724,6 +804,8 @@ class Kron(_KronBase):
         ``eigh``) give the gradient along symmetric directions, ``(G + Gᵀ)/2``.
 
     Example:
+        >>> import torch
+        >>> from curvop import Kron
         >>> A, B, C = torch.eye(2), 2 * torch.eye(3), torch.eye(2)
         >>> K = Kron([[A, B], [C]])
         >>> K.shape
@@ -751,6 +833,12 @@ class Kron(_KronBase):
 
         This is what laplace-torch's ``Kron.__add__`` does. It is *not* ``self + other``
         (``A1 ⊗ B1 + A2 ⊗ B2 ≠ (A1 + A2) ⊗ (B1 + B2)``); use ``+`` for the exact sum.
+
+        Args:
+            other: A :class:`Kron` with the same blocks and factor shapes.
+
+        Returns:
+            A new :class:`Kron` (neither operand is changed).
 
         Raises:
             InputTypeError: if ``other`` is not a :class:`Kron`.

@@ -145,6 +145,7 @@ class DampedKron(_KronBase):
             positive (semi-)definite.
 
     Raises:
+        InputTypeError: if ``delta`` is not a tensor.
         InputError: if ``delta`` has the wrong shape, device or non-finite entries.
     """
 
@@ -331,6 +332,7 @@ class KronAddedDiag(_KronBase):
 
     Raises:
         InputError: if ``diag`` or an option is malformed.
+        InputTypeError: if ``seed`` is not an int.
     """
 
     def __init__(
@@ -515,6 +517,13 @@ class KronAddedDiag(_KronBase):
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         """``M⁻¹ R`` (or ``L M⁻¹ R``); exact or to ``rtol`` per block (see the class docstring).
 
+        Args:
+            right_tensor: ``R`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
+            left_tensor: Optional ``L`` of shape `(..., O, P)`.
+
+        Returns:
+            ``M⁻¹ R`` shaped like ``R``, or ``L M⁻¹ R``.
+
         Raises:
             InputTypeError: if ``R`` is not a tensor of the operator's dtype.
             InputError: if ``R`` is malformed, ``M`` is not positive definite, or CG fails to
@@ -530,7 +539,15 @@ class KronAddedDiag(_KronBase):
         return _Solve.apply(self, rhs, *self.representation())
 
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
-        """Exact ``M^{-1/2} R`` (and, with ``lhs``, ``(L M^{-1/2} R, rowsum((L M^{-1/2})²))``).
+        """Exact ``M^{-1/2} R`` through the eigendecomposition of every block.
+
+        Args:
+            rhs: ``R`` of shape `(P,)`, `(P, k)` or `(..., P, k)`.
+            lhs: Optional ``L`` of shape `(..., O, P)`.
+
+        Returns:
+            ``M^{-1/2} R`` shaped like ``R``; with ``lhs``, the pair
+            ``(L M^{-1/2} R, rowsum((L M^{-1/2})²))`` as linear_operator defines it.
 
         Raises:
             NotSupportedError: if a block is on the iterative path (no exact ``M^{-1/2}``).
@@ -572,6 +589,9 @@ class KronAddedDiag(_KronBase):
         ``sqrt(num_probes)``, combined in quadrature over blocks; the error is unbiased up to the
         quadrature tolerance ``1e-10 · n_b``. Seeded by ``seed``: calls are reproducible.
 
+        Returns:
+            ``(logdet, stderr)``: a scalar tensor of the operator's dtype and a float.
+
         Raises:
             InputError: if ``M`` is not positive definite (or the quadrature does not converge).
             NotSupportedError: if autograd must differentiate through an estimated block.
@@ -607,11 +627,33 @@ class KronAddedDiag(_KronBase):
         return torch.as_tensor(total, dtype=torch.float64).to(self.dtype), math.sqrt(var)
 
     def logdet(self) -> Tensor:
-        """``log det M``: see :meth:`logdet_estimate` (this drops the standard error)."""
+        """``log det M``: see :meth:`logdet_estimate` (this drops the standard error).
+
+        Returns:
+            A scalar tensor (exact, or an estimate on iterative blocks).
+
+        Raises:
+            InputError: If ``M`` is not positive definite.
+            NotSupportedError: If autograd must differentiate through an estimated block.
+        """
         return self.logdet_estimate()[0]
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
-        """``(Rᵀ M⁻¹ R, log det M)`` from :meth:`solve` and :meth:`logdet_estimate`."""
+        """``(Rᵀ M⁻¹ R, log det M)`` from :meth:`solve` and :meth:`logdet_estimate`.
+
+        Args:
+            inv_quad_rhs: ``R`` of shape `(P,)`, `(P, k)` or `(..., P, k)`, or None.
+            logdet: Whether to compute the log-determinant.
+            reduce_inv_quad: Sum the inverse quadratic terms over the ``k`` columns.
+
+        Returns:
+            ``(inv_quad, logdet)``; a term not asked for is an empty tensor.
+
+        Raises:
+            InputError: If neither term is requested, ``R`` is malformed, or ``M`` is not
+                positive definite.
+            InputTypeError: If ``R`` is not a tensor of the operator's dtype.
+        """
         if inv_quad_rhs is None and not logdet:
             raise InputError("inv_quad_logdet() needs `inv_quad_rhs` or `logdet=True`; got neither")
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
@@ -643,6 +685,12 @@ class KronAddedDiag(_KronBase):
     def root_decomposition(self, method: str | None = None) -> RootLinearOperator:
         """Exact lazy root ``R`` with ``R Rᵀ = M`` (eigenbasis or block Cholesky).
 
+        Args:
+            method: Ignored (accepted for linear_operator compatibility); always exact.
+
+        Returns:
+            A ``RootLinearOperator`` whose ``root`` is the lazy `(P, P)` ``R``.
+
         Raises:
             NotSupportedError: if a block is on the iterative path.
         """
@@ -650,6 +698,14 @@ class KronAddedDiag(_KronBase):
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         """Exact lazy inverse root ``R`` with ``R Rᵀ = M⁻¹``.
+
+        Args:
+            initial_vectors: Ignored (linear_operator's Lanczos start; not needed here).
+            test_vectors: Ignored (as ``initial_vectors``).
+            method: Ignored; always exact.
+
+        Returns:
+            A ``RootLinearOperator`` whose ``root`` is the lazy `(P, P)` ``R``.
 
         Raises:
             NotSupportedError: if a block is on the iterative path.
@@ -676,5 +732,13 @@ class KronAddedDiag(_KronBase):
         return evals, (_BlockDiag(*vecs).to(self.dtype) if eigenvectors else None)
 
     def diagonalization(self, method: str | None = None):
-        """Exact eigendecomposition, block by block (dense ``eigh`` on non-constant blocks)."""
+        """Exact eigendecomposition, block by block (dense ``eigh`` on non-constant blocks).
+
+        Args:
+            method: Ignored (accepted for linear_operator compatibility); always exact.
+
+        Returns:
+            ``(eigenvalues, eigenvectors)``: `(P,)` eigenvalues, block by block, and a lazy
+            `(P, P)` orthogonal block-diagonal operator.
+        """
         return self._symeig(eigenvectors=True)

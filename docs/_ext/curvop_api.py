@@ -19,7 +19,8 @@ Directives (they emit reStructuredText: from a Markdown page, call them inside `
     (``_static/examples/<name>.png`` when it exists) and its source.
 
 A Markdown page holding the line ``<!-- curvop-benchmark-report -->`` gets the benchmark report
-(``benchmarks/results/``) in its place.
+(``benchmarks/results/README.md``) in its place, its headings one level down; the line
+``<!-- curvop-benchmark-extras -->`` gets the other reports (``benchmarks/results/*.md``).
 
 A ``missing-reference`` handler resolves ``curvop.X`` cross-references written against any
 public or private path (``curvop.Kron``, ``curvop.operators.kron.Kron``) to the place where
@@ -39,9 +40,11 @@ from curvop_public import (
     DOCS,
     FIGURES,
     UNAVAILABLE,
+    benchmark_extras,
     benchmark_markdown,
     canonical_paths,
     data_doc,
+    demote_headings,
     example_scripts,
     import_public,
     public_names,
@@ -74,6 +77,8 @@ def _autodoc_lines(path: str, obj) -> list[str]:
         if issubclass(obj, BaseException):
             return [f".. autoexception:: {path}", ""]
         lines = [f".. autoclass:: {path}", "   :members:"]
+        if not _shown_bases(list(obj.__bases__)):
+            lines.append("   :no-show-inheritance:")  # "Bases: object" says nothing
         if issubclass(obj, enum.Enum):
             lines.append("   :undoc-members:")
         try:
@@ -299,18 +304,47 @@ def resolve_curvop_reference(app: Sphinx, env, node, contnode):
     return None
 
 
-#: the line of a Markdown page that the benchmark report replaces
+def _shown_bases(bases: list[type]) -> list[type]:
+    """``bases`` without the curvop classes that the reference does not document.
+
+    A private base such as ``_KronBase`` (or a mixin of a private module) is replaced by its own
+    bases, recursively, and ``object`` is left out: the "Bases:" line names only classes a
+    reader can click on.
+    """
+    paths = canonical_paths()
+    shown: list[type] = []
+    for base in bases:
+        if base is object:
+            continue
+        if base.__module__.split(".")[0] == "curvop" and id(base) not in paths:
+            replacement = _shown_bases(list(base.__bases__))
+        else:
+            replacement = [base]
+        shown += [b for b in replacement if b not in shown]
+    return shown
+
+
+def hide_private_bases(app: Sphinx, name: str, obj, options, bases: list) -> None:
+    """``autodoc-process-bases``: see :func:`_shown_bases` (the list is changed in place)."""
+    bases[:] = _shown_bases(list(bases))
+    # a base that another listed base already derives from says nothing new
+    bases[:] = [b for b in bases if not any(o is not b and issubclass(o, b) for o in bases)]
+
+
+#: the line of a Markdown page that the benchmark report replaces (its headings one level down)
 BENCHMARK_MARKER = "<!-- curvop-benchmark-report -->"
+#: the line that the other reports of ``benchmarks/results/*.md`` replace
+BENCHMARK_EXTRAS_MARKER = "<!-- curvop-benchmark-extras -->"
 
 
 def insert_benchmarks(app: Sphinx, docname: str, source: list[str]) -> None:
-    """Replace the marker line of a page by the benchmark report (kept current on every build)."""
-    if BENCHMARK_MARKER not in source[0]:
+    """Replace the marker lines of a page by the benchmark reports (current on every build)."""
+    if BENCHMARK_MARKER not in source[0] and BENCHMARK_EXTRAS_MARKER not in source[0]:
         return
-    for path in [BENCHMARKS / "README.md", *sorted(BENCHMARKS.glob("*.json"))]:
-        if path.exists():
-            app.env.note_dependency(str(path))
-    source[0] = source[0].replace(BENCHMARK_MARKER, benchmark_markdown())
+    for path in [*sorted(BENCHMARKS.glob("*.md")), *sorted(BENCHMARKS.glob("*.json"))]:
+        app.env.note_dependency(str(path))
+    source[0] = source[0].replace(BENCHMARK_MARKER, demote_headings(benchmark_markdown()))
+    source[0] = source[0].replace(BENCHMARK_EXTRAS_MARKER, benchmark_extras())
 
 
 def setup(app: Sphinx) -> dict:
@@ -320,5 +354,6 @@ def setup(app: Sphinx) -> dict:
     app.add_directive("curvop-examples", CurvopExamples)
     app.add_directive("curvop-backends", CurvopBackends)
     app.connect("missing-reference", resolve_curvop_reference)
+    app.connect("autodoc-process-bases", hide_private_bases)
     app.connect("source-read", insert_benchmarks)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

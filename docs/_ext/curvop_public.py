@@ -106,6 +106,28 @@ def example_scripts() -> list[Path]:
 
 
 
+def demote_headings(text: str, levels: int = 1) -> str:
+    """Markdown ``text`` with every ATX heading (outside code fences) ``levels`` deeper."""
+    lines, fence = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        if not fence and re.match(r"#{1,5} ", line):
+            line = "#" * levels + line
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def benchmark_extras() -> str:
+    """The other reports in ``benchmarks/results/`` (``*.md`` but the README).
+
+    Each becomes a section one heading level down (its title a ``##`` heading).
+    """
+    parts = [demote_headings(p.read_text().strip())
+             for p in sorted(BENCHMARKS.glob("*.md")) if p.name != "README.md"]
+    return "\n\n".join(parts) if parts else "*No other benchmark reports yet.*"
+
+
 def benchmark_markdown() -> str:
     """The benchmark report as Markdown, without its title.
 
