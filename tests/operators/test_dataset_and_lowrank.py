@@ -145,3 +145,61 @@ def test_asdl_hessian_eig_lowrank():
     H = sum(ref.hessian(model, x, y, "classification") for x, y in loader)
     U, lam, loss = curvop.AsdlHessian(model, "classification", low_rank=4).eig_lowrank(loader)
     torch.testing.assert_close(lam, torch.linalg.eigvalsh(H).flip(0)[:4], rtol=1e-8, atol=0)
+
+
+@pytest.fixture(scope="module")
+def wide_problem():
+    """Linear-Tanh-Linear with P = 683 > R = n (C - 1) = 520: the Gram route's Lanczos.
+
+    Returns ``(model, loader, G, eigenvalues descending, eigenvectors)``.
+    """
+    torch.manual_seed(1)
+    model = register(torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Tanh(),
+                                         torch.nn.Linear(20, 3)).double())
+    X = torch.randn(260, 30, dtype=torch.float64)
+    Y = torch.randint(0, 3, (260,))
+    loader = [(X[:130], Y[:130]), (X[130:], Y[130:])]
+    G = sum(ref.ggn(model, x, y, "classification") for x, y in loader)
+    lam, U = torch.linalg.eigh(G)
+    return model, loader, G, lam.flip(0), U.flip(1)
+
+
+@pytest.mark.parametrize(("method", "k"), [("auto", 1), ("auto", 10), ("dual", 10),
+                                           ("lanczos", 3)])
+def test_top_eigenpairs_routes_match_dense(wide_problem, method, k):
+    from curvop.linalg import eigen
+    from curvop.linalg.dual import DataSpaceDual
+
+    model, loader, G, lam_ref, U_ref = wide_problem
+    lam_ref, U_ref = lam_ref[:k], U_ref[:, :k]
+    op = curvop.TorchGGN(model, "classification").dataset_operator(loader)
+    assert DataSpaceDual(op).num_rows == 520 > eigen._DENSE_GRAM_ROWS
+    U, lam = eigen.top_eigenpairs(op, k, method=method)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-8, atol=0)
+    signs = torch.sign((U * U_ref).sum(0))
+    torch.testing.assert_close(U * signs, U_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=U.dtype), rtol=0, atol=1e-10)
+    torch.testing.assert_close(G @ U, U * lam, rtol=0, atol=1e-8 * float(lam[0]))
+
+
+def test_top_eigenpairs_dual_falls_back_below_rank():
+    from curvop.linalg import eigen
+
+    # regression with one output on 4 points: G has rank <= 4 < k
+    torch.manual_seed(0)
+    model = register(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                         torch.nn.Linear(4, 1)).double())
+    X, Y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    iface = curvop.TorchGGN(model, "regression")
+    G = ref.ggn(model, X, Y, "regression")
+    op = iface.dataset_operator([(X, Y)])
+    U, lam = eigen.top_eigenpairs(op, 6)  # auto: Lanczos, null-space vectors for the zeros
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(G).flip(0)[:6], rtol=0, atol=1e-10)
+    torch.testing.assert_close(G @ U, U * lam, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="at most R = 4 nonzero"):
+        eigen.top_eigenpairs(op, 6, method="dual")
+    with pytest.raises(ValueError, match="GGN, MC Fisher or EF"):
+        eigen.top_eigenpairs(curvop.TorchHessian(model, "regression").dataset_operator(
+            [(X, Y)]), 2, method="dual")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        eigen.top_eigenpairs(op, 2, method="qr")
