@@ -171,7 +171,13 @@ class CurvopExamples(SphinxDirective):
         lines: list[str] = []
         for script in scripts:
             self.env.note_dependency(str(script))
-            doc = ast.get_docstring(ast.parse(script.read_text())) or script.stem
+            tree = ast.parse(script.read_text())
+            doc = ast.get_docstring(tree) or script.stem
+            # the listing starts after the docstring, which is shown above it as prose
+            first = tree.body[0].end_lineno + 1 if ast.get_docstring(tree) else 1
+            lines_after = script.read_text().splitlines()[first - 1:]
+            while lines_after and not lines_after[0].strip():
+                lines_after, first = lines_after[1:], first + 1
             title, _, body = doc.partition("\n")
             title = title.strip().rstrip(".")
             lines += [f".. _example-{script.stem}:", "", title, "-" * max(len(title), 3), "",
@@ -184,7 +190,7 @@ class CurvopExamples(SphinxDirective):
                           f"   :alt: figure written by {script.name}", ""]
             rel = script.relative_to(DOCS).as_posix()
             lines += [f".. literalinclude:: /{rel}",
-                      "   :language: python", "   :lines: 1-", ""]
+                      "   :language: python", f"   :lines: {first}-", ""]
         container = nodes.container()
         nested_parse_with_titles(self.state, StringList(lines, source="curvop-examples"),
                                  container)

@@ -79,7 +79,7 @@ def main() -> None:
                 label=f"eig_lowrank, top {len(lam)} (matrix-free, 4 batches)")
     ax.axvline(rank_bound, ls="--", c="grey", lw=1)
     ax.text(rank_bound + 4, float(dense[0]) / 10, "rank bound N (C-1)", color="grey")
-    ax.set(xlabel="index i", ylabel="eigenvalue λ_i", ylim=(1e-12, 2 * float(dense[0])),
+    ax.set(xlabel=r"index $i$", ylabel=r"eigenvalue $\lambda_i$", ylim=(1e-12, 2 * float(dense[0])),
            title=f"GGN spectrum of a 4-16-16-3 MLP (P = {P}, N = {x.shape[0]})")
     ax.legend()
     fig.tight_layout()

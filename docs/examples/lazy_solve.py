@@ -48,6 +48,7 @@ def main() -> None:
         torch.nn.functional.cross_entropy(model(x), y, reduction="sum"), model.parameters())])
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    steps: dict[float, int] = {}
     for delta in (10.0, 1.0, 0.1, 0.01):
         exact = torch.linalg.solve(G + delta * torch.eye(P, dtype=G.dtype), g)
         damped = op.add_diagonal(torch.tensor(delta, dtype=G.dtype))   # still lazy
@@ -55,12 +56,17 @@ def main() -> None:
                               atol=1e-8 * float(exact.abs().max()))
 
         A, b = curvop.to_scipy(damped), g.numpy()
-        iterates: list[np.ndarray] = []
+        iterates: list[np.ndarray] = []   # scipy updates its iterate in place: keep copies
         sol, info = scipy.sparse.linalg.cg(A, b, rtol=1e-10, maxiter=10 * P,
-                                           callback=iterates.append)
+                                           callback=lambda xk: iterates.append(xk.copy()))
         residuals = [np.linalg.norm(A @ xk - b) / np.linalg.norm(b) for xk in iterates]
         assert info == 0 and np.allclose(sol, exact.numpy(), rtol=1e-6, atol=1e-9)
+        # the curve falls from the first step's residual to the tolerance
+        assert residuals[0] > 1e-3 > 1e-9 > residuals[-1], (residuals[0], residuals[-1])
+        steps[delta] = len(residuals)
         ax.semilogy(range(1, len(residuals) + 1), residuals, lw=2, label=f"δ = {delta:g}")
+    # smaller damping, worse conditioning, more products
+    assert steps[10.0] < steps[1.0] < steps[0.1] < steps[0.01], steps
 
     ax.set(xlabel="CG iteration (one product with the lazy GGN each)",
            ylabel="relative residual ‖(G + δI)x − g‖ / ‖g‖",
