@@ -63,7 +63,8 @@ def main() -> None:
     loss, H = ggn.full(x, y)
     reference = brute_force_ggn(model, x)
     assert torch.allclose(H, reference, rtol=1e-8, atol=1e-10), "full() differs from JᵀΛJ"
-    assert torch.isclose(loss, torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
+    summed = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+    assert torch.isclose(loss, summed)
 
     dense = torch.linalg.eigvalsh(H).flip(0).clamp_min(1e-16)     # descending
     loader = DataLoader(TensorDataset(x, y), batch_size=16)       # 4 batches, fixed order
@@ -79,7 +80,8 @@ def main() -> None:
                 label=f"eig_lowrank, top {len(lam)} (matrix-free, 4 batches)")
     ax.axvline(rank_bound, ls="--", c="grey", lw=1)
     ax.text(rank_bound + 4, float(dense[0]) / 10, "rank bound N (C-1)", color="grey")
-    ax.set(xlabel=r"index $i$", ylabel=r"eigenvalue $\lambda_i$", ylim=(1e-12, 2 * float(dense[0])),
+    ax.set(xlabel=r"index $i$", ylabel=r"eigenvalue $\lambda_i$",
+           ylim=(1e-12, 2 * float(dense[0])),
            title=f"GGN spectrum of a 4-16-16-3 MLP (P = {P}, N = {x.shape[0]})")
     ax.legend()
     fig.tight_layout()

@@ -44,8 +44,8 @@ def main() -> None:
     assert torch.allclose(op @ v, G @ v, rtol=1e-10, atol=1e-10)
     assert torch.allclose(op.diagonal(), torch.diagonal(G), rtol=1e-10, atol=1e-12)
 
-    g = torch.cat([p.flatten() for p in torch.autograd.grad(
-        torch.nn.functional.cross_entropy(model(x), y, reduction="sum"), model.parameters())])
+    summed = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+    g = torch.cat([p.flatten() for p in torch.autograd.grad(summed, model.parameters())])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps: dict[float, int] = {}
@@ -56,9 +56,12 @@ def main() -> None:
                               atol=1e-8 * float(exact.abs().max()))
 
         A, b = curvop.to_scipy(damped), g.numpy()
-        iterates: list[np.ndarray] = []   # scipy updates its iterate in place: keep copies
-        sol, info = scipy.sparse.linalg.cg(A, b, rtol=1e-10, maxiter=10 * P,
-                                           callback=lambda xk: iterates.append(xk.copy()))
+        iterates: list[np.ndarray] = []
+
+        def keep(xk: np.ndarray, out: list = iterates) -> None:
+            out.append(xk.copy())    # scipy updates its iterate in place: keep copies
+
+        sol, info = scipy.sparse.linalg.cg(A, b, rtol=1e-10, maxiter=10 * P, callback=keep)
         residuals = [np.linalg.norm(A @ xk - b) / np.linalg.norm(b) for xk in iterates]
         assert info == 0 and np.allclose(sol, exact.numpy(), rtol=1e-6, atol=1e-9)
         # the curve falls from the first step's residual to the tolerance

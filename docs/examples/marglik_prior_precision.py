@@ -94,7 +94,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     tops: list[float] = []
     for (label, ld), style in zip(logdet.items(), ["-", ":", "--", "-.", (0, (5, 1, 1, 1))]):
-        log_z = -loss - 0.5 * deltas * theta.square().sum() + 0.5 * P * torch.log(deltas) - 0.5 * ld
+        log_z = (-loss - 0.5 * deltas * theta.square().sum()
+                 + 0.5 * P * torch.log(deltas) - 0.5 * ld)
         best = int(log_z.argmax())
         line, = ax.semilogx(deltas.numpy(), log_z.numpy(), ls=style,
                             lw=4 if style == "-" else 2, label=label)
@@ -102,7 +103,8 @@ def main() -> None:
         tops.append(float(log_z[best]))
     ax.set(xlabel="prior precision δ", ylabel="log Z(δ)  (up to a constant)",
            ylim=(tops[0] - 120, max(tops) + 10),
-           title=f"Laplace marginal likelihood of a 1-24-24-1 MLP (P = {P}, N = {x.shape[0]})")
+           title=f"Laplace marginal likelihood of a 1-24-24-1 MLP "
+                 f"(P = {P}, N = {x.shape[0]})")
     ax.legend(fontsize=9, loc="lower left")
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
