@@ -4,7 +4,7 @@
   :func:`logdet`, :func:`solve` (data-space dual for GGN/EF, Kronecker eigenbases, diagonal,
   low rank; stochastic Lanczos quadrature otherwise);
 * Krylov solvers whose tolerance is a checked true residual: :func:`cg`, :func:`minres`, with
-  diagonal and Kronecker preconditioners;
+  diagonal, Kronecker and randomized Nyström preconditioners;
 * estimators with standard errors: :func:`hutchinson_trace`, :func:`hutchinson_diagonal`,
   :func:`slq_logdet`;
 * spectra: :func:`top_eigenpairs`, :func:`spectral_density`, :func:`plot_spectrum`.
@@ -19,9 +19,11 @@ from curvop.linalg.krylov import KrylovResult, cg, minres
 from curvop.linalg.lanczos import LanczosQuadrature, SLQEstimate, slq_logdet, stochastic_lanczos
 from curvop.linalg.preconditioners import (
     DiagonalPreconditioner,
+    NystromPreconditioner,
     OperatorPreconditioner,
     diagonal_preconditioner,
     kron_preconditioner,
+    nystrom_preconditioner,
 )
 from curvop.linalg.spectrum import SpectralDensity, plot_spectrum, spectral_density
 
@@ -38,8 +40,10 @@ __all__ = [
     "KrylovResult",
     "DiagonalPreconditioner",
     "OperatorPreconditioner",
+    "NystromPreconditioner",
     "diagonal_preconditioner",
     "kron_preconditioner",
+    "nystrom_preconditioner",
     "slq_logdet",
     "stochastic_lanczos",
     "LanczosQuadrature",

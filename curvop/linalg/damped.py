@@ -187,6 +187,12 @@ class DampedCurvature:
 
     Build it with :func:`factorize`. Every method takes one ``δ`` or (``logdet``) a grid.
 
+    Args:
+        op: The `(P, P)` operator :math:`A` (a constant shift found inside it taken out).
+        route: The route name (see the module docstring).
+        impl: The route's implementation (its ``logdet(deltas)`` and ``solve(B, δ)``).
+        shift: The constant diagonal taken out of ``op`` (added to every ``δ``).
+
     Attributes:
         op: The operator.
         route: ``'dual'``, ``'kron'``, ``'diag'``, ``'dense'``, ``'operator'`` or
@@ -230,6 +236,9 @@ class DampedCurvature:
     def logdet_estimate(self, delta=0.0) -> Estimate | list[Estimate]:
         """``logdet`` with its standard error (zero on the exact routes).
 
+        Args:
+            delta: A number, or a sequence / 1-D tensor of them.
+
         Returns:
             An :class:`~curvop.linalg.Estimate` (a list for a grid); on the iterative route an
             :class:`~curvop.linalg.SLQEstimate` with the quadrature diagnostics.
@@ -246,6 +255,13 @@ class DampedCurvature:
     def solve(self, rhs: Tensor, delta: float = 0.0) -> Tensor:
         r""":math:`(A + \delta I)^{-1}` ``rhs`` for ``rhs`` `(P,)` or `(P, m)`, in its dtype.
 
+        Args:
+            rhs: Right-hand sides :math:`B`, `(P,)` or `(P, m)`.
+            delta: One damping :math:`\delta`.
+
+        Returns:
+            :math:`X = (A + \delta I)^{-1} B`, shaped and typed like ``rhs``.
+
         Raises:
             InputError: If ``rhs`` is malformed or :math:`A + \delta I` singular (iterative
                 route: if the solver misses ``rtol``).
@@ -259,7 +275,18 @@ class DampedCurvature:
         return back(X.to(rhs.dtype))
 
     def inv_quad(self, rhs: Tensor, delta: float = 0.0) -> Tensor:
-        r""":math:`b^\top (A + \delta I)^{-1} b` per column of ``rhs`` (a scalar for `(P,)`)."""
+        r""":math:`b^\top (A + \delta I)^{-1} b` per column of ``rhs`` (a scalar for `(P,)`).
+
+        Args:
+            rhs: The vectors :math:`b`, `(P,)` or `(P, m)`.
+            delta: One damping :math:`\delta`.
+
+        Returns:
+            A scalar for `(P,)`, else `(m,)`, in ``rhs``'s dtype.
+
+        Raises:
+            InputError: As :meth:`solve`.
+        """
         X = self.solve(rhs, delta)
         return (rhs * X).sum(0)
 
@@ -269,6 +296,12 @@ class DampedCurvature:
         ``solve``, ``inv_quad``, ``logdet`` and ``inv_quad_logdet`` (and so GPyTorch's
         marginal likelihoods) go through the factorisation instead of linear_operator's
         iterative defaults; products are ``op`` products plus ``δ``.
+
+        Args:
+            delta: One damping :math:`\delta` (on top of :attr:`shift`).
+
+        Returns:
+            A :class:`DampedOperator` `(P, P)`.
 
         Raises:
             InputError: If ``delta`` is not a single finite number.
@@ -344,7 +377,19 @@ class DampedOperator(LinearOperator):
         return self.curvature.solve(rhs, self.delta)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """``(A + δI)⁻¹ R`` (or ``L (A + δI)⁻¹ R``) through the factorisation."""
+        r"""``(A + δI)⁻¹ R`` (or ``L (A + δI)⁻¹ R``) through the factorisation.
+
+        Args:
+            right_tensor: :math:`R`, `(P,)`, `(P, m)` or `(..., P, m)`.
+            left_tensor: Optional :math:`L`, `(..., k, P)`.
+
+        Returns:
+            :math:`(A + \delta I)^{-1} R`, shaped like ``right_tensor``, or
+            :math:`L (A + \delta I)^{-1} R` `(..., k, m)`.
+
+        Raises:
+            InputError: As :meth:`DampedCurvature.solve`.
+        """
         X = self._columns(right_tensor)
         return X if left_tensor is None else left_tensor @ X
 
@@ -354,13 +399,35 @@ class DampedOperator(LinearOperator):
         return self._columns(rhs)
 
     def logdet(self) -> Tensor:
-        """``log det(A + δI)`` through the factorisation (see :meth:`DampedCurvature.logdet`)."""
+        r"""``log det(A + δI)`` through the factorisation (see :meth:`DampedCurvature.logdet`).
+
+        Returns:
+            A scalar in the operator's dtype and device.
+
+        Raises:
+            InputError: If :math:`A + \delta I` is not positive definite.
+        """
         val = self.curvature.logdet(self.delta)
         return val.to(dtype=self.dtype, device=self.device)
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
                         reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
-        """``(Rᵀ (A + δI)⁻¹ R, log det(A + δI))`` through the factorisation."""
+        r"""``(Rᵀ (A + δI)⁻¹ R, log det(A + δI))`` through the factorisation.
+
+        Args:
+            inv_quad_rhs: :math:`R`, `(P,)` or `(P, m)`, or None for no inverse quadratic form.
+            logdet: Whether to compute the log-determinant (else a zero is returned for it).
+            reduce_inv_quad: Sum the inverse quadratic form over the columns of `(P, m)`.
+
+        Returns:
+            ``(inv_quad, logdet)``: :math:`\sum_j r_j^\top (A + \delta I)^{-1} r_j` (a scalar,
+            or `(m,)` unreduced) and :math:`\log\det(A + \delta I)` (a scalar), in the
+            operator's dtype.
+
+        Raises:
+            InputError: If neither ``inv_quad_rhs`` nor ``logdet`` is asked for, or
+                :math:`A + \delta I` is not positive definite.
+        """
         if inv_quad_rhs is None and not logdet:
             raise InputError("inv_quad_logdet() needs `inv_quad_rhs` or `logdet=True`")
         inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -501,6 +568,9 @@ def logdet(op, delta=0.0, **options) -> Tensor:
 
     Returns:
         A float64 scalar (or `(d,)` for a grid).
+
+    Raises:
+        InputError: As :meth:`DampedCurvature.logdet` and :func:`factorize`.
     """
     return factorize(op, **options).logdet(delta)
 
@@ -513,5 +583,11 @@ def solve(op, rhs: Tensor, delta: float = 0.0, **options) -> Tensor:
         rhs: `(P,)` or `(P, m)`.
         delta: The damping.
         **options: Options of :func:`factorize`.
+
+    Returns:
+        :math:`(A + \delta I)^{-1}` ``rhs``, shaped and typed like ``rhs``.
+
+    Raises:
+        InputError: As :meth:`DampedCurvature.solve` and :func:`factorize`.
     """
     return factorize(op, **options).solve(rhs, delta)

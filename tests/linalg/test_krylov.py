@@ -14,6 +14,7 @@ from curvop.linalg import (
     diagonal_preconditioner,
     kron_preconditioner,
     minres,
+    nystrom_preconditioner,
 )
 
 from cases import register
@@ -125,3 +126,74 @@ def test_preconditioners_reach_rtol_in_fewer_products_on_a_damped_ggn():
     assert abs(model_kfac.num_products - kfac.num_products) <= 0.1 * kfac.num_products
     pm = minres(op, b, delta=delta, rtol=rtol, precond=kron_preconditioner(K, delta))
     assert pm.converged and float(_rel_res(A, pm.x, b)) <= rtol
+
+
+def _rank_deficient_ggn():
+    """A data-set GGN of rank 47 < P = 83 (N·C = 60 rows) with badly scaled inputs."""
+    torch.manual_seed(0)
+    model = register(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                         torch.nn.Linear(8, 3)).double())
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 6, generator=g, dtype=F64) * torch.logspace(-1.5, 1.5, 6, dtype=F64)
+    Y = torch.randn(20, 3, generator=g, dtype=F64)
+    loader = [(X[:10], Y[:10]), (X[10:], Y[10:])]
+    return curvop.TorchGGN(model, "regression").dataset_operator(loader)
+
+
+def test_nystrom_preconditioner_beats_plain_cg_counting_its_sketch():
+    op = _rank_deficient_ggn()
+    H = op.to_dense()
+    P = H.shape[0]
+    lam, Q = torch.linalg.eigh(H)
+    rank = int((lam > 1e-10 * lam[-1]).sum())
+    assert rank < P  # rank-deficient: a null space of dimension P - rank at eigenvalue δ
+    delta, rtol = 1e-2, 1e-8
+    A = H + delta * torch.eye(P, dtype=F64)
+    b = torch.randn(P, dtype=F64, generator=torch.Generator().manual_seed(3))
+    plain = cg(op, b, delta=delta, rtol=rtol, max_iter=3000)
+    pre = nystrom_preconditioner(op, 20, delta, seed=1)
+    assert pre.num_products == 20 and pre.rank == 20
+    nys = cg(op, b, delta=delta, rtol=rtol, precond=pre)
+    for res in (plain, nys):
+        assert res.converged and float(_rel_res(A, res.x, b)) <= rtol
+    # the sketch's products count: still well under plain CG
+    assert nys.num_products + pre.num_products < 0.75 * plain.num_products
+    # P⁻¹ is symmetric positive definite, and the identity off the sketched range: the null
+    # space of the GGN stays at eigenvalue δ after preconditioning
+    Pinv = pre.solve(torch.eye(P, dtype=F64))
+    torch.testing.assert_close(Pinv, Pinv.T, rtol=0, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(Pinv).min()) > 0
+    null = Q[:, : P - rank]
+    off = null - pre.U @ (pre.U.T @ null)
+    torch.testing.assert_close(pre.solve(off), off, rtol=0, atol=1e-10)
+    # the preconditioned spectrum lies in [δ, λ_1 + δ] and its top is squeezed below λ_1 + δ
+    Pih = torch.linalg.cholesky(Pinv)
+    ev = torch.linalg.eigvalsh(Pih.T @ A @ Pih)
+    assert float(ev.min()) >= delta * (1 - 1e-8)
+    assert float(ev.max()) < 0.5 * float(lam[-1] + delta)
+    # one sketch, another δ: no new products, same guarantees
+    pre2 = pre.damped(1e-3)
+    assert pre2.num_products == 20 and pre2.U is pre.U
+    res2 = cg(op, b, delta=1e-3, rtol=rtol, precond=pre2)
+    assert float(_rel_res(H + 1e-3 * torch.eye(P, dtype=F64), res2.x, b)) <= rtol
+
+
+def test_nystrom_sketch_is_exact_for_low_rank_and_checks_its_input():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=F64))
+    lam = torch.cat([torch.logspace(3, 0, 8, dtype=F64), torch.zeros(52, dtype=F64)])
+    A = Q @ torch.diag(lam) @ Q.T
+    pre = nystrom_preconditioner(A, 12, 0.1)
+    torch.testing.assert_close(pre.eigenvalues[:8], lam[:8], rtol=1e-8, atol=1e-8)
+    assert float(pre.eigenvalues[8:].abs().max()) < 1e-8
+    # Nyström approximation U Λ Uᵀ reproduces A (rank 8 ≤ ℓ = 12)
+    torch.testing.assert_close(pre.U @ torch.diag(pre.eigenvalues) @ pre.U.T, A, rtol=0,
+                               atol=1e-8)
+    with pytest.raises(InputError, match="rank"):
+        nystrom_preconditioner(A, 61)
+    with pytest.raises(InputTypeError, match="rank"):
+        nystrom_preconditioner(A, 2.5)
+    with pytest.raises(InputError, match="positive semi-definite"):
+        nystrom_preconditioner(-A - torch.eye(60, dtype=F64), 5)
+    with pytest.raises(InputError, match="λ̂_ℓ \\+ δ > 0"):
+        pre.damped(-1.0)
