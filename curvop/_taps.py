@@ -25,6 +25,7 @@ these taps like the others.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,7 @@ from curvop.layers import (
     why_no_handler,
 )
 
-__all__ = ["Tap", "Unhandled", "tap_layers", "plan_layers"]
+__all__ = ["Tap", "Unhandled", "tap_layers", "tap_layer_blocks", "plan_layers"]
 
 
 @dataclass
@@ -138,21 +139,57 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
         taps, unhandled = plan_layers(batch)
         if not taps:
             return taps, unhandled
-        passed = _tap(batch, S, taps, verified, strict=False)
+        passed = _tap(batch, S, taps, verified, strict=False)[0]
         return [t for t in taps if id(t) not in passed], unhandled + [
             Unhandled(t.name, t.module, t.param_slots, passed[id(t)])
             for t in taps if id(t) in passed]
     taps = _plan(batch)
     if taps is None:
         return None
-    return taps if not _tap(batch, S, taps, verified, strict=True) else None
+    return taps if not _tap(batch, S, taps, verified, strict=True)[0] else None
 
 
-def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict: bool
-         ) -> dict[int, str]:
+def tap_layer_blocks(batch: Batch, S: Tensor, verified: set | None, block: int
+                     ) -> tuple[list[Tap], list[Unhandled], Iterator[None]]:
+    """:func:`tap_layers` with ``partial=True``, the columns of ``S`` backpropagated in blocks.
+
+    One forward; the taps' ``g`` hold the first ``block`` columns `(block, n, G, T, O)`, and
+    each step of the returned iterator replaces them by the next block (the forward's graph is
+    kept until the iterator is exhausted). ``block == 1`` backpropagates column by column
+    instead of through ``is_grads_batched``, whose vmap falls back to a loop and a stacking
+    copy for operations without a batching rule (convolution and pooling backward).
+    """
+    taps, unhandled = plan_layers(batch)
+    if not taps:
+        return taps, unhandled, iter(())
+    passed, more = _tap(batch, S, taps, verified, strict=False, block=block)
+    return [t for t in taps if id(t) not in passed], unhandled + [
+        Unhandled(t.name, t.module, t.param_slots, passed[id(t)])
+        for t in taps if id(t) in passed], more
+
+
+def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor, retain: bool) -> list[Tensor | None]:
+    """Gradients in ``outs`` of ``f`` for each cotangent in ``cols`` `(k, B, C)`, stacked."""
+    if len(cols) == 1:
+        gs = torch.autograd.grad(f, outs, cols[0], retain_graph=retain, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in gs]
+    try:
+        return list(torch.autograd.grad(f, outs, cols, is_grads_batched=True,
+                                        retain_graph=retain, allow_unused=True))
+    except RuntimeError:  # an op without a batching rule: one backward per column
+        per_col = [torch.autograd.grad(f, outs, c, retain_graph=True, allow_unused=True)
+                   for c in cols]
+        return [None if any(pc[i] is None for pc in per_col)
+                else torch.stack([pc[i] for pc in per_col]) for i in range(len(outs))]
+
+
+def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict: bool,
+         block: int | None = None) -> tuple[dict[int, str], Iterator[None]]:
     """Fill ``a`` and ``g`` of ``taps``; the rejected ones (by ``id``) with the reason.
 
-    ``strict`` stops at the first rejection (the caller then discards every tap).
+    ``strict`` stops at the first rejection (the caller then discards every tap). With
+    ``block``, ``g`` holds the first ``block`` columns and the returned iterator steps through
+    the others (see :func:`tap_layer_blocks`); otherwise the iterator is empty.
     """
     rejected: dict[int, str] = {}
     by_module = {id(t.module): t for t in taps}
@@ -189,10 +226,10 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
             rejected[id(t)] = (f"called {n_calls} times in one forward (a shared or bypassed "
                                "layer has no single (a, g) pair)")
     if rejected and strict:
-        return rejected
+        return rejected, iter(())
     taps_ok = [t for t in taps if id(t) not in rejected]
     if not taps_ok:
-        return rejected
+        return rejected, iter(())
     outs = [t.out for t in taps_ok]
     K = S.shape[-1]
     cols = S.permute(2, 0, 1)  # (K, B, C)
@@ -206,13 +243,8 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
             probe = torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype)
             checked = torch.autograd.grad(f, outs + theta, probe, retain_graph=True,
                                           allow_unused=True)
-        try:
-            gs = torch.autograd.grad(f, outs, cols, is_grads_batched=True, allow_unused=True)
-        except RuntimeError:  # an op without a batching rule: one backward per column
-            per_col = [torch.autograd.grad(f, outs, c, retain_graph=True, allow_unused=True)
-                       for c in cols]
-            gs = [None if any(pc[i] is None for pc in per_col)
-                  else torch.stack([pc[i] for pc in per_col]) for i in range(len(outs))]
+        block = K if block is None else block
+        gs = _backprop(f, outs, cols[:block], retain=block < K)
     for i, t in enumerate(taps_ok):
         if gs[i] is None or (check and checked[i] is None):
             rejected[id(t)] = "its output does not reach the model output"
@@ -221,14 +253,35 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
             rejected[id(t)] = ("its parameters also enter the network outside its own forward "
                                "(tied or reused weights)")
         else:
-            t.g = t.handler.outputs(t.module, gs[i].detach().flatten(0, 1)).unflatten(
-                0, (K, -1))
+            t.g = _outputs(t, gs[i])
             continue
         if strict:
-            return rejected
+            return rejected, iter(())
     if verified is not None and not rejected:
         verified.add(key)
-    return rejected
+    if block >= K:
+        return rejected, iter(())
+    live = [(i, t) for i, t in enumerate(taps_ok) if id(t) not in rejected]
+    return rejected, _more_blocks(f, outs, cols, block, live)
+
+
+def _outputs(t: Tap, g: Tensor) -> Tensor:
+    """Stacked gradients `(k, B, ...)` in the layer output → ``g`` `(k, n, G, T, O)`."""
+    return t.handler.outputs(t.module, g.detach().flatten(0, 1)).unflatten(0, (g.shape[0], -1))
+
+
+def _more_blocks(f: Tensor, outs: list[Tensor], cols: Tensor, block: int,
+                 live: list[tuple[int, Tap]]) -> Iterator[None]:
+    """Set the live taps' ``g`` to each further block of columns in turn."""
+    K = len(cols)
+    for k0 in range(block, K, block):
+        k1 = min(K, k0 + block)
+        with torch.enable_grad():
+            gs = _backprop(f, outs, cols[k0:k1], retain=k1 < K)
+        for i, t in live:
+            t.g = _outputs(t, gs[i])
+        del gs
+        yield
 
 
 def _verify(t: Tap, g_probe: Tensor, param_grads: tuple) -> bool:

@@ -49,9 +49,16 @@ key, value; see :mod:`curvop.layers`): ``[A_q, B_q], [A_k, B_k], [A_v, B_v]`` wi
 from its own inputs and ``T`` its own token count (cross-attention), ``in_proj_bias`` one exact
 ``[C]`` `(3E, 3E)`, ``out_proj`` a Linear.
 
-Every factor is a sum of products ``Xᵀ X`` (positive semi-definite), made exactly symmetric
-up to ``2**22`` entries; larger ones are left symmetric to rounding, because on CPU the
-transposed copy that symmetrises them costs more than forming them.
+Every factor is a Gram matrix ``X Xᵀ`` (positive semi-definite) and exactly symmetric. On CPU
+a large one is formed block row by block row of its upper triangle and mirrored (about half
+the flops of one GEMM, like BLAS's symmetric rank-k update, which torch does not expose).
+
+**Cost.** One forward with the layer taps, one backward of the ``K`` columns of ``S`` to the
+layer outputs (no parameter gradients), and the Gram matrices: for a Linear layer with ``I``
+inputs and ``O`` outputs on a batch of ``M``, about ``M K O²`` and ``M I²`` multiply-adds
+(``T`` times more for ``expand`` with ``T`` positions). The taps' check against autograd runs
+once per structure (cached in the interface), and the memory per sample that sizes the
+chunks is remembered per structure too.
 
 **Other layers.** Parameters that no Linear/Conv tap covers (LayerNorm, BatchNorm, Embedding,
 a module's own parameters, a layer called twice or whose weight is also used elsewhere) have no
@@ -78,21 +85,25 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvop._checks import check_fits, check_positive_int
 from curvop._functional import Batch, FunctionalModel, chunk_size
 from curvop._sqrt_form import sqrt_vjp_chunks
-from curvop._taps import Tap, Unhandled, tap_layers
+from curvop._taps import Tap, Unhandled, tap_layer_blocks, tap_layers
 from curvop.errors import InputError, InputTypeError, NotSupportedError
 from curvop.operators.kron import Kron
 from curvop.params import ParameterSelection, trainable_named_parameters
 
 __all__ = ["APPROXIMATIONS", "FALLBACKS", "kfac", "kron_hook", "check_kron_options"]
+
+#: memory per sample of the taps, per module and structure (sizes the chunks; see :func:`kfac`)
+_SAMPLE_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: weight-sharing approximations (Eschenhagen et al., 2023)
 APPROXIMATIONS = ("expand", "reduce")
@@ -125,45 +136,136 @@ def check_kron_options(approx: object, fallback: object, owner: str) -> tuple[st
 class _Sums:
     """Per-layer sums over the batch: ``A`` `(G, O, O)`, ``B`` `(G, I, I)`, bias ``C``."""
 
-    A: Tensor | None = None
-    B: Tensor | None = None
+    A: list[Tensor] | None = None
+    B: list[Tensor] | None = None
     C: Tensor | None = None
     T: int | tuple[int, ...] = 1  # positions; per group where groups were padded (attention)
 
 
-def _add(total: Tensor | None, term: Tensor) -> Tensor:
-    return term if total is None else total.add_(term)
+#: a Gram matrix on CPU is split into block rows of about this many rows (see :func:`_gram`)
+_GRAM_BLOCK = 128
+#: ... when it costs at least this many flops (smaller ones are one GEMM)
+_GRAM_SPLIT_FLOPS = 5e7
 
 
-def _accumulate(t: Tap, approx: str, s: _Sums) -> None:
-    """Add one chunk's sums of layer ``t`` to ``s`` (no scaling by ``N`` yet)."""
+def _gram(X: Tensor, out: Tensor | None = None) -> Tensor:
+    """``X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out`` if given.
+
+    On CPU a large product computes only the block rows of its upper triangle (one GEMM per
+    block row, about ``(nb + 1) / (2 nb)`` of the flops for ``nb`` blocks: the symmetric rank-k
+    update, which torch does not expose) and mirrors them; the diagonal blocks are symmetrised.
+    """
+    d, m = X.shape
+    nb = 1
+    if X.device.type == "cpu" and 2.0 * m * d * d >= _GRAM_SPLIT_FLOPS:
+        nb = max(1, round(d / _GRAM_BLOCK))
+    if nb == 1:
+        F = X @ X.mT
+        F = (F + F.mT).mul_(0.5)
+        return F if out is None else out.add_(F)
+    if out is None:
+        out = X.new_zeros(d, d)
+    bs = -(-d // nb)
+    for i0 in range(0, d, bs):
+        i1 = min(d, i0 + bs)
+        out[i0:i1, i0:].addmm_(X[i0:i1], X[i0:].mT)
+    for i0 in range(0, d, bs):
+        i1 = min(d, i0 + bs)
+        D = out[i0:i1, i0:i1]
+        D.copy_((D + D.mT).mul_(0.5))
+        if i1 < d:
+            out[i1:, i0:i1] = out[i0:i1, i1:].mT
+    return out
+
+
+#: largest `(b, d, d)` stack of per-sample Gram matrices formed at once by :func:`_gram_sum`
+_BMM_ENTRIES = 1 << 22
+
+
+def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Σ_b X_b X_bᵀ`` for ``X`` `(b, d, m)` (any strides), added to ``out`` if given.
+
+    One Gram matrix of the `(d, b·m)` matrix when that is a view of ``X`` (or when ``d`` is
+    large enough for :func:`_gram`'s block rows to pay for a copy); otherwise batched products
+    summed over ``b`` (no copy: convolutions' output gradients, positions contiguous).
+    """
+    b, d, m = X.shape
+    if b == 1:
+        return _gram(X[0], out)
+    flat = X.permute(1, 0, 2)
+    try:
+        return _gram(flat.view(d, b * m), out)
+    except RuntimeError:  # not a view: copy, or sum batched products
+        pass
+    if X.device.type == "cpu" and d >= 2 * _GRAM_BLOCK:
+        return _gram(flat.reshape(d, b * m), out)
+    step = max(1, _BMM_ENTRIES // (d * d))
+    total = None
+    for Xc in X.split(step):
+        term = (Xc @ Xc.mT).sum(0)
+        total = term if total is None else total.add_(term)
+    total = (total + total.mT).mul_(0.5)
+    return total if out is None else out.add_(total)
+
+
+def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
+    """Add one chunk's sums of layer ``t`` to ``s`` (no scaling by ``N`` yet).
+
+    The output side from ``t.g`` (the columns at hand), the input side from ``t.a`` only with
+    ``inputs`` (once per chunk of samples, whatever the blocks of columns).
+    """
     a, g = t.a, t.g  # (n, G, T, I), (K, n, G, T, O)
     K, n, G, T, d_out = g.shape
     s.T = T if t.lengths is None else t.lengths  # true positions of zero-padded groups
     if approx == "reduce" or t.has_bias:  # (K, n, G, O): reduce output side, bias gradient
         g_sum = g[:, :, :, 0] if T == 1 else g.sum(3)
     if t.has_weight:
-        if approx == "expand":
-            gg = g.permute(2, 0, 1, 3, 4).reshape(G, K * n * T, d_out)
-            aa = a.transpose(0, 1).reshape(G, n * T, a.shape[-1])
+        # per group `(b, features, data points)`, viewed where the strides allow
+        if T == 1:
+            gg = [g[:, :, i, 0].reshape(1, K * n, d_out).mT for i in range(G)]
+            aa = [a[:, i, 0].mT.unsqueeze(0) for i in range(G)]
+        elif approx == "expand":
+            gg = [g[:, :, i].reshape(K * n, T, d_out).mT for i in range(G)]
+            aa = [a[:, i].mT for i in range(G)]
         else:
-            gg = g_sum.permute(2, 0, 1, 3).reshape(G, K * n, d_out)
-            mean = a.mean(2) if t.lengths is None else a.sum(2) / a.new_tensor(t.lengths)[:, None]
-            aa = mean.transpose(0, 1)  # (G, n, I)
-        s.A = _add(s.A, gg.mT @ gg)
-        s.B = _add(s.B, aa.mT @ aa)
+            gg = [g_sum[:, :, i].reshape(1, K * n, d_out).mT for i in range(G)]
+            if inputs:
+                mean = (a.mean(2) if t.lengths is None
+                        else a.sum(2) / a.new_tensor(t.lengths)[:, None])
+                aa = [mean[:, i].mT.unsqueeze(0) for i in range(G)]
+        s.A = ([_gram_sum(X) for X in gg] if s.A is None
+               else [_gram_sum(X, F) for X, F in zip(gg, s.A)])
+        if inputs:
+            s.B = ([_gram_sum(X) for X in aa] if s.B is None
+                   else [_gram_sum(X, F) for X, F in zip(aa, s.B)])
     if t.has_bias:
-        gb = g_sum.reshape(K * n, G * d_out)
-        s.C = _add(s.C, gb.T @ gb)
+        if t.has_weight and G == 1 and (T == 1 or approx == "reduce"):
+            s.C = None  # the bias block is the output-side factor: copied in _layer_blocks
+        else:
+            s.C = _gram(g_sum.reshape(K * n, G * d_out).mT, s.C)
 
 
-#: largest factor (entries) that is symmetrised exactly
-_SYMMETRISE_MAX = 1 << 22
+def _column_block(module: nn.Module, K: int) -> int:
+    """Columns backpropagated at once: all (vmap), or one at a time for conv/pooling nets."""
+    looped = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+              nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._MaxUnpoolNd)
+    return 1 if any(isinstance(m, looped) for m in module.modules()) else K
 
 
-def _sym(F: Tensor) -> Tensor:
-    """``(F + Fᵀ) / 2`` for factors up to ``_SYMMETRISE_MAX`` entries; larger ones as they are."""
-    return (F + F.mT) / 2 if F.numel() <= _SYMMETRISE_MAX else F
+def _tap_chunk(batch: Batch, S: Tensor, rows: slice, verified: set | None, block: int):
+    """The taps of samples ``rows``, their output gradients in blocks of ``block`` columns."""
+    return tap_layer_blocks(_sub_batch(batch, rows), S[rows], verified, block)
+
+
+def _add_chunk(taps: list[Tap], more, approx: str, sums: dict[str, _Sums]) -> None:
+    """Accumulate a chunk's taps over every block of columns, then free them."""
+    for t in taps:
+        _accumulate(t, approx, sums[t.name])
+    for _ in more:
+        for t in taps:
+            _accumulate(t, approx, sums[t.name], inputs=False)
+    for t in taps:
+        t.a = t.g = t.out = None
 
 
 def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[Tensor]]]:
@@ -172,15 +274,17 @@ def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[
     slots = iter(t.param_slots)
     if t.has_weight:
         Ts = s.T if isinstance(s.T, tuple) else (s.T,) * len(s.A)
-        out[next(slots)] = [[_sym(A), _sym(B / (N * T if approx == "expand" else N))]
+        out[next(slots)] = [[A, B.div_(N * T if approx == "expand" else N)]
                             for A, B, T in zip(s.A, s.B, Ts)]
     if t.has_bias:
-        out[next(slots)] = [[_sym(s.C)]]
+        out[next(slots)] = [[s.A[0].clone() if s.C is None else s.C]]
     return out
 
 
 def _sub_batch(batch: Batch, rows: slice, fm: FunctionalModel | None = None) -> Batch:
     """The samples ``rows`` of ``batch`` (every other field kept), optionally another ``fm``."""
+    if fm is None and rows.start in (0, None) and rows.stop >= batch.size:
+        return batch
     return dataclasses.replace(batch, fm=fm or batch.fm, x=batch.x[rows],
                                y=None if batch.y is None else batch.y[rows], f=batch.f[rows])
 
@@ -241,7 +345,7 @@ def _exact_blocks(batch: Batch, S: Tensor, slots: list[int], fallback: str
             else:
                 Mi = Mi.reshape(-1, Mi.shape[-1])
                 total.addmm_(Mi.T, Mi)
-    return {i: [[torch.diag(h) if fallback == "diag" else _sym(h)]]
+    return {i: [[torch.diag(h) if fallback == "diag" else (h + h.mT) / 2]]
             for i, h in zip(slots, acc)}
 
 
@@ -276,29 +380,40 @@ def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
             f"{owner}.kron: a subnetwork that splits parameter tensors (or reorders them) has no "
             "Kronecker form; `subnetwork_indices` must select whole tensors in parameter order, "
             f"or use {owner}.full / {owner}.diag on the subnetwork")
-    # one sample first: it settles which layers pass their check and how big a sample's taps are
-    first = slice(0, 1)
-    taps, unhandled = tap_layers(_sub_batch(batch, first), S[first], verified, partial=True)
+    # The first chunk settles which layers pass their check. Its size comes from the memory
+    # per sample of this structure's taps, remembered from an earlier call; a structure seen
+    # for the first time is measured (and its taps checked) on one sample first, which is then
+    # discarded, so that the chunks, and hence the rounding, are the same in every call.
+    key = (tuple(batch.sel.names), tuple(batch.x.shape[1:]), batch.x.dtype, batch.f.dtype,
+           batch.f.device, S.shape[-1])
+    sizes = _SAMPLE_BYTES.setdefault(batch.fm.module, {})
+    B = batch.size
+    if key not in sizes:
+        one = slice(0, 1)
+        taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True)
+        block = _column_block(batch.fm.module, S.shape[-1])
+        sizes[key] = (4 * batch.itemsize * sum(t.a.numel() + t.g.numel() * block // S.shape[-1]
+                                               for t in taps), block)
+        del taps
+    per_sample, block = sizes[key]
+    first = slice(0, chunk_size(batch.budget, per_sample, B))
+    taps, unhandled, more = _tap_chunk(batch, S, first, verified, block)
     if unhandled and fallback is None:
         _raise_unhandled(unhandled, batch, owner)
     check_fits((_factor_numel(taps, unhandled, batch, fallback),), batch.f.dtype,
                batch.f.device, "the Kronecker factors", max_bytes)
     names = [t.name for t in taps]
     sums = {t.name: _Sums() for t in taps}
-    per_sample = 4 * batch.itemsize * sum(t.a.numel() + t.g.numel() for t in taps)
-    for t in taps:
-        _accumulate(t, approx, sums[t.name])
-    start = 1
-    while start < batch.size:
-        rows = slice(start, start + chunk_size(batch.budget, per_sample, batch.size - start))
-        chunk_taps, chunk_unhandled = tap_layers(_sub_batch(batch, rows), S[rows], verified,
-                                                 partial=True)
+    _add_chunk(taps, more, approx, sums)
+    start = first.stop
+    while start < B:
+        rows = slice(start, start + chunk_size(batch.budget, per_sample, B - start))
+        chunk_taps, _, more = _tap_chunk(batch, S, rows, verified, block)
         if [t.name for t in chunk_taps] != names:
             raise NotSupportedError(
                 f"{owner}.kron: the layers that can be tapped differ between samples "
-                f"({names} for the first sample, {[t.name for t in chunk_taps]} later)")
-        for t in chunk_taps:
-            _accumulate(t, approx, sums[t.name])
+                f"({names} for the first samples, {[t.name for t in chunk_taps]} later)")
+        _add_chunk(chunk_taps, more, approx, sums)
         start = rows.stop
     blocks: dict[int, list[list[Tensor]]] = {}
     for t in taps:
@@ -306,7 +421,10 @@ def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
     if unhandled:
         blocks.update(_exact_blocks(batch, S, [i for u in unhandled for i in u.param_slots],
                                     fallback))
-    return Kron([block for i in range(len(batch.sel.names)) for block in blocks[i]])
+    ordered = [block for i in range(len(batch.sel.names)) for block in blocks[i]]
+    # built here, symmetric and finite by construction: the internal form skips the checks
+    # that `Kron(kfacs)` runs on factors handed in by users
+    return Kron(*(F for block in ordered for F in block), layout=[len(b) for b in ordered])
 
 
 def kron_hook(interface, batch: Batch, N: int, sqrt: Callable[[Batch], Tensor],

@@ -80,11 +80,13 @@ def _conv_dims(module: nn.Module) -> int:
 def unfold(module: nn.Module, x: Tensor) -> Tensor:
     """Unfold the input of a convolution: `(n, C_in, *spatial)` → `(n, C_in·k, T)`.
 
-    Written by hand because ``torch.nn.functional.unfold`` only covers 2-D: a convolution with a
+    ``torch.nn.functional.unfold`` for 2-D; otherwise (it only covers 2-D) a convolution with a
     one-hot kernel per (channel, kernel position) extracts the patches in any dimension, with
     the module's padding, stride and dilation (the trick behind unfoldNd).
     """
     d = _conv_dims(module)
+    if d == 2:  # im2col proper: about twice as fast as the one-hot convolution
+        return F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
     C = x.shape[1]
     k = math.prod(module.kernel_size)
     eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *module.kernel_size)

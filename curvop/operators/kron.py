@@ -214,7 +214,14 @@ class _KronBase(LinearOperator):
         self._blocks: list[tuple[Tensor, ...]] = blocks
         self._sizes = [math.prod(F.shape[0] for F in blk) for blk in blocks]
         self._P = sum(self._sizes)
-        self._eig_cache: tuple[tuple[int, ...], list] | None = None
+        # one-element box, shared with the damped operators derived from this one (same
+        # factors): a grid of dampings decomposes the factors once
+        self._eig_box: list[tuple[tuple[int, ...], list] | None] = [None]
+
+    @property
+    def _eig_cache(self) -> tuple[tuple[int, ...], list] | None:
+        """``(version key, eigenpairs)`` of the factors once computed (shared box), or None."""
+        return self._eig_box[0]
 
     # ------------------------------------------------------------------ structure
     @property
@@ -410,8 +417,9 @@ class _KronBase(LinearOperator):
             InputError: if a factor has a clearly negative eigenvalue (it is not PSD).
         """
         key, cache_ok = _version_key(self._factors), self._cache_ok()
-        if cache_ok and self._eig_cache is not None and self._eig_cache[0] == key:
-            return self._eig_cache[1]  # never when autograd tracks: the cache holds no graph
+        cached = self._eig_box[0]
+        if cache_ok and cached is not None and cached[0] == key:
+            return cached[1]  # never when autograd tracks: the cache holds no graph
         eps = _eps(self.dtype)
         res = []
         for b, blk in enumerate(self._blocks):
@@ -428,7 +436,7 @@ class _KronBase(LinearOperator):
                 pairs.append((torch.where(lam > tol, lam, torch.zeros_like(lam)), Q))
             res.append(pairs)
         if cache_ok:
-            self._eig_cache = (key, res)
+            self._eig_box[0] = (key, res)
         return res
 
     def _spectrum(

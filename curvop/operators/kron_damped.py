@@ -101,7 +101,9 @@ def damp(op: _KronBase, delta: Tensor) -> _KronBase:
         return op._with_diag(op.diag + op._expand(delta))
     if isinstance(op, DampedKron):
         delta = op.delta + delta
-    return DampedKron(*op._factors, layout=op.layout, delta=delta)
+    out = DampedKron(*op._factors, layout=op.layout, delta=delta)
+    out._eig_box = op._eig_box  # same factors: share their eigendecompositions
+    return out
 
 
 def route_added_diag(op: _KronBase, diag: object, options: dict) -> _KronBase:
@@ -122,7 +124,9 @@ def route_added_diag(op: _KronBase, diag: object, options: dict) -> _KronBase:
         return damp(op, d[starts])
     base = op._shift_full()
     full = d if base is None else base + d
-    return KronAddedDiag(*op._factors, layout=op.layout, diag=full, **options)
+    out = KronAddedDiag(*op._factors, layout=op.layout, diag=full, **options)
+    out._eig_box = op._eig_box  # same factors: share their eigendecompositions
+    return out
 
 
 # ---------------------------------------------------------------------------- DampedKron
