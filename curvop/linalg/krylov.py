@@ -287,6 +287,21 @@ def minres(op, rhs: Tensor, *, delta: float = 0.0, rtol: float = 1e-6, max_iter:
     :math:`A + \delta I` (e.g. an indefinite Hessian); the preconditioner must be symmetric
     positive definite. Arguments, result and stopping rule are those of :func:`cg`.
 
+    Args:
+        op: :math:`A`: a symmetric `(P, P)` ``LinearOperator`` or tensor, or a callable on
+            `(P, m)` blocks (then pass ``size``).
+        rhs: :math:`B`, `(P,)` or `(P, m)`; the iteration runs in its dtype.
+        delta: The shift :math:`\delta`; :math:`A + \delta I` must be nonsingular.
+        rtol: Relative residual every column must meet (true residual).
+        max_iter: Iteration limit.
+        precond: A symmetric positive definite preconditioner (see :func:`cg`).
+        x0: Starting guess (default zero).
+        check: Raise if ``rtol`` is not met (else return with ``converged=False``).
+        size: `P` when ``op`` is a callable.
+
+    Returns:
+        A :class:`KrylovResult`; ``x`` shaped like ``rhs``.
+
     Raises:
         InputError: If ``rhs`` is malformed, the preconditioner is not positive definite, or
             (``check=True``) ``rtol`` is not met within ``max_iter``.

@@ -165,6 +165,10 @@ class SLQEstimate(Estimate):
     """An :class:`~curvop.linalg.Estimate` from Lanczos quadrature.
 
     Attributes:
+        value: The estimate (a float64 scalar).
+        stderr: Its standard error over the probes.
+        num_probes: Probes `m`.
+        num_products: Operator products spent.
         steps: Lanczos steps run.
         converged: Whether every probe's quadrature met ``quad_tol`` before ``max_steps``.
         quadrature_change: Largest change of a probe's estimate over the last ``check_every``
@@ -201,7 +205,20 @@ class LanczosQuadrature:
     quadrature_change: float = 0.0
 
     def trace(self, fn: Callable[[Tensor], Tensor]) -> SLQEstimate:
-        r""":math:`\operatorname{tr} f(A)` with its standard error over the probes."""
+        r""":math:`\operatorname{tr} f(A)` with its standard error over the probes.
+
+        .. math::
+
+            \operatorname{tr} f(A) \approx \frac1m \sum_{i=1}^m \|z_i\|^2 \sum_j \tau_{ij}^2
+            f(\theta_{ij})
+
+        Args:
+            fn: The spectral function :math:`f`, applied elementwise to a tensor of Ritz
+                values.
+
+        Returns:
+            An :class:`SLQEstimate`.
+        """
         per_probe = self.norms2 * _quad(self.nodes, self.weights, fn)
         return SLQEstimate(per_probe.mean(), sample_stderr(per_probe), self.nodes.shape[0],
                            self.num_products, self.steps, self.converged,
@@ -209,6 +226,12 @@ class LanczosQuadrature:
 
     def logdet(self, delta: float = 0.0) -> SLQEstimate:
         r""":math:`\log\det(A + \delta I)` with its standard error.
+
+        Args:
+            delta: The shift :math:`\delta` (free: one Lanczos run serves every shift).
+
+        Returns:
+            An :class:`SLQEstimate`.
 
         Raises:
             InputError: If a Ritz value of positive weight has :math:`\theta + \delta \le 0`
