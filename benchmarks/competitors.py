@@ -23,7 +23,8 @@ import torch
 
 from benchmarks.problems import Problem
 
-__all__ = ["ENTRIES", "LIBRARY_MODULES", "LIMITS", "REFERENCE", "TASKS", "Entry", "Skipped"]
+__all__ = ["COUNTS", "EIG_K", "ENTRIES", "LAPLACE_BATCHES", "LIBRARY_MODULES", "LIMITS",
+           "REFERENCE", "TASKS", "Entry", "Skipped", "laplace_loader"]
 
 Thunk = Callable[[], Any]
 
@@ -44,6 +45,12 @@ TASKS: dict[str, str] = {
     "fisher_mc_product": "MC Fisher times one vector",
     "kfac_exact": "KFAC with the exact output Hessian (KFLR / type-2)",
     "kfac_mc": "KFAC with 1-sample MC output gradients",
+    "eig_top10": "top-10 eigenpairs of the exact GGN of the batch",
+    "eig_top10_hessian": "top-10 (largest algebraic) eigenpairs of the Hessian of the batch",
+    "laplace_full": "`Laplace(model, lik, subset_of_weights='all', hessian_structure='full', "
+                    "backend=B).fit(loader)`, loader of 4 batches",
+    "laplace_diag": "the same with `hessian_structure='diag'`",
+    "laplace_kron": "the same with `hessian_structure='kron'`",
 }
 """Task name -> what every entry of the task computes."""
 
@@ -57,6 +64,16 @@ LIBRARY_MODULES: dict[str, tuple[str, ...]] = {
 """Library -> modules the fork server imports, so that no entry pays (in time or memory) for
 importing them; ``torch._dynamo`` is imported lazily by the first ``torch.func`` call and
 costs ~170 MB."""
+
+EIG_K = 10
+"""Number of eigenpairs of the ``eig_top10*`` tasks."""
+
+LAPLACE_BATCHES = 4
+"""Batches in the loader of the ``laplace_*`` tasks."""
+
+COUNTS: dict[str, int] = {}
+"""Operator products of the last eigen-solver call (see :func:`_count_curvop`); the eig
+entries' thunks carry it as ``thunk.counts`` and :mod:`benchmarks.measure` records it."""
 
 LIMITS: dict[str, float] = {"dense_bytes": 2.0 * 2**30}
 """Largest dense result (bytes) an entry may allocate; bigger ones are skipped."""
@@ -297,6 +314,152 @@ def _backpack_hvp(problem: Problem) -> Thunk:
     return thunk
 
 
+def _count_curvop() -> dict[str, int]:
+    """Count curvop's operator products in :data:`COUNTS` (patches the classes once).
+
+    ``products``: columns multiplied by a data-set operator (GGN- or Hessian-vector products);
+    ``jvp_columns`` / ``vjp_columns``: columns of the data-space dual's ``M V`` / ``Mᵀ Y``
+    passes; ``gram``: Gram matrices assembled (``eig_lowrank``'s dual route).
+    """
+    from curvop.linalg.dual import DataSpaceDual
+    from curvop.operators.dataset import DatasetLinearOperator
+
+    def wrap(cls: type, name: str, key: str) -> None:
+        orig = getattr(cls, name)
+        if getattr(orig, "_counted", False):
+            return
+
+        def counted(self, *args, **kwargs):
+            rhs = args[0] if args else None
+            COUNTS[key] = COUNTS.get(key, 0) + (
+                1 if rhs is None or rhs.dim() == 1 else int(rhs.shape[-1]))
+            return orig(self, *args, **kwargs)
+
+        counted._counted = True
+        setattr(cls, name, counted)
+
+    wrap(DatasetLinearOperator, "_matmul", "products")
+    wrap(DataSpaceDual, "matvec", "jvp_columns")
+    wrap(DataSpaceDual, "rmatvec", "vjp_columns")
+    wrap(DataSpaceDual, "_tap_gram", "gram")
+    wrap(DataSpaceDual, "_row_gram", "gram")
+    return COUNTS
+
+
+def _curvop_eig(cls_name: str, method: str | None = None) -> Callable[[Problem], Thunk]:
+    """Setup for ``cls(..., low_rank=10).eig_lowrank([(x, y)])``.
+
+    With ``method``: ``top_eigenpairs`` of its data-set operator with that route forced.
+    """
+
+    def setup(problem: Problem) -> Thunk:
+        cls = _cls("curvop", cls_name)
+        iface = cls(problem.model, problem.likelihood, low_rank=EIG_K)
+        loader = [(problem.x, problem.y)]
+        counts = _count_curvop()
+        if method is None:
+            def thunk():
+                return iface.eig_lowrank(loader)
+        else:
+            from curvop.linalg.eigen import top_eigenpairs
+
+            def thunk():
+                return top_eigenpairs(iface.dataset_operator(loader), EIG_K, method=method)
+
+        thunk.counts = counts
+        return thunk
+
+    return setup
+
+
+def _curvlinops_eigsh(cls_name: str) -> Callable[[Problem], Thunk]:
+    """Setup for scipy ``eigsh(k=10, which='LA')`` on a curvlinops operator's ``to_scipy()``.
+
+    scipy's defaults otherwise (``tol=0``: machine precision); products counted.
+    """
+
+    def setup(problem: Problem) -> Thunk:
+        import numpy as np
+        import scipy.sparse.linalg as sla
+
+        cls = _cls("curvlinops", cls_name)
+        op = cls(problem.model, problem.lossfunc(), _params(problem), [(problem.x, problem.y)],
+                 check_deterministic=False, num_data=problem.batch_size).to_scipy()
+        counts: dict[str, int] = {}
+
+        def matmat(X):
+            X = np.asarray(X)
+            counts["products"] = counts.get("products", 0) + (1 if X.ndim == 1 else X.shape[1])
+            return op.matmat(X.reshape(X.shape[0], -1)).reshape(X.shape)
+
+        counted = sla.LinearOperator(op.shape, matvec=matmat, matmat=matmat, dtype=op.dtype)
+        v0 = np.random.default_rng(0).standard_normal(op.shape[0])
+
+        def thunk():
+            return sla.eigsh(counted, k=EIG_K, which="LA", v0=v0)
+
+        thunk.counts = counts
+        return thunk
+
+    return setup
+
+
+def _laplace_eig(problem: Problem) -> Thunk:
+    """laplace-torch's own low-rank path (``AsdfghjklHessian.eig_lowrank``)."""
+    cls = _cls("laplace.curvature.asdfghjkl", "AsdfghjklHessian")
+    problem.model.output_size = problem.num_outputs
+    iface = cls(problem.model, problem.likelihood, low_rank=EIG_K)
+    loader = [(problem.x, problem.y)]
+    return lambda: iface.eig_lowrank(loader)
+
+
+def laplace_loader(problem: Problem, batches: int = LAPLACE_BATCHES):
+    """A ``DataLoader`` (no shuffling) of ``batches`` batches of the problem's batch size.
+
+    The first batch is the problem's own; the others are seeded draws like it: Gaussian
+    inputs (integer token inputs: uniform over the ids seen), uniform class labels.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = problem.x, problem.y
+    gen = torch.Generator().manual_seed(1234)
+    xs, ys = [x.cpu()], [y.cpu()]
+    for _ in range(batches - 1):
+        if x.is_floating_point():
+            xs.append(torch.randn(x.shape, generator=gen, dtype=x.dtype))
+        else:
+            xs.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=gen, dtype=x.dtype))
+        ys.append(torch.randint(0, problem.num_outputs, y.shape, generator=gen, dtype=y.dtype))
+    data = TensorDataset(torch.cat(xs).to(x.device), torch.cat(ys).to(y.device))
+    return DataLoader(data, batch_size=problem.batch_size, shuffle=False)
+
+
+def _laplace_fit(module: str, backend: str, structure: str) -> Callable[[Problem], Thunk]:
+    """Setup for ``Laplace(model, lik, 'all', structure, backend=...).fit(loader)``.
+
+    The thunk builds the ``Laplace`` object and fits it (all of laplace-torch's overhead);
+    a dense `P x P` (``full``) is skipped beyond :data:`LIMITS`.
+    """
+
+    def setup(problem: Problem) -> Thunk:
+        if structure == "full":
+            _guard_dense(problem)
+        laplace = importlib.import_module("laplace")
+        cls = _cls(module, backend)
+        loader = laplace_loader(problem)
+        problem.model.output_size = problem.num_outputs
+
+        def thunk():
+            la = laplace.Laplace(problem.model, problem.likelihood, subset_of_weights="all",
+                                 hessian_structure=structure, backend=cls)
+            la.fit(loader)
+            return la
+
+        return thunk
+
+    return setup
+
+
 # --------------------------------------------------------------------------- registry
 def _curvop_family(task: str, method: str, classes: tuple[str, ...], stochastic: bool = False,
                    guard: Callable[[Problem], None] | None = None) -> None:
@@ -396,6 +559,36 @@ def _build_registry() -> None:
         r(f"laplace.{backend}.kron", "kfac_exact", _interface(lp, backend, "kron"))
         r(f"laplace.{backend}[mc].kron", "kfac_mc",
           _interface(lp, backend, "kron", stochastic=True))
+
+    # top-10 eigenpairs (AsdlGGN has no `low_rank`, so no eig_lowrank)
+    r("curvop.TorchGGN.eig_lowrank", "eig_top10", _curvop_eig("TorchGGN"),
+      "method='auto': data-space dual where the Gram matrix has a closed form (Linear "
+      "networks), ARPACK eigsh otherwise", reference=True)
+    r("curvop.TorchGGN.eig_lowrank[lanczos]", "eig_top10", _curvop_eig("TorchGGN", "lanczos"),
+      "top_eigenpairs(dataset_operator, 10, method='lanczos'): ARPACK eigsh, tol=1e-8")
+    r("curvlinops.GGNLinearOperator.eigsh", "eig_top10", _curvlinops_eigsh("GGNLinearOperator"),
+      "scipy eigsh(op.to_scipy(), k=10, which='LA') with scipy's defaults (tol=0)")
+    r("curvop.TorchHessian.eig_lowrank", "eig_top10_hessian", _curvop_eig("TorchHessian"),
+      "ARPACK eigsh on Hessian-vector products, tol=1e-8", reference=True)
+    r("curvop.AsdlHessian.eig_lowrank", "eig_top10_hessian", _curvop_eig("AsdlHessian"),
+      "ARPACK eigsh on ASDL's Hessian-vector products, tol=1e-8", reference=True)
+    r("curvlinops.HessianLinearOperator.eigsh", "eig_top10_hessian",
+      _curvlinops_eigsh("HessianLinearOperator"),
+      "scipy eigsh(op.to_scipy(), k=10, which='LA') with scipy's defaults (tol=0)")
+    r("laplace.AsdfghjklHessian.eig_lowrank", "eig_top10_hessian", _laplace_eig,
+      "laplace-torch's own low-rank path (needs the old asdfghjkl package)")
+
+    # laplace-torch's Laplace(...).fit(loader): curvop's compat backends vs its own
+    cl = "curvop.compat.laplace"
+    for structure in ("full", "diag", "kron"):
+        task = f"laplace_{structure}"
+        for backend in ("CurvopGGN", "CurvopBackPackGGN", "CurvopAsdlGGN"):
+            r(f"curvop.{backend}[{structure}].fit", task, _laplace_fit(cl, backend, structure),
+              reference=True)
+        for backend in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN"):
+            note = "laplace-torch's default backend" if backend == "CurvlinopsGGN" else ""
+            r(f"laplace.{backend}[{structure}].fit", task, _laplace_fit(lp, backend, structure),
+              note)
 
 
 _build_registry()

@@ -124,7 +124,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_thunk(
-    thunk: Callable[[], Any], device: torch.device, repeats: int, budget_s: float
+    thunk: Callable[[], Any], device: torch.device, repeats: int, budget_s: float,
+    keep: list | None = None,
 ) -> tuple[float, list[float]]:
     """Time a thunk: one warm-up call, then up to ``repeats`` timed calls.
 
@@ -133,6 +134,7 @@ def time_thunk(
         device: Device to synchronise before and after each call.
         repeats: Largest number of timed calls.
         budget_s: Time budget of the timed calls; a slow thunk gets fewer repeats (>= 1).
+        keep: If given, the last call's result is appended to it (the others are dropped).
 
     Returns:
         `(warm-up seconds, [timed seconds, ...])`.
@@ -151,6 +153,8 @@ def time_thunk(
         out = thunk()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if keep is not None and len(times) == n:
+            keep.append(out)
         del out
     return warm, times
 
@@ -233,9 +237,12 @@ def measure_entry(
     result["peak_mem_reset"] = _reset_peak(dev)
     torch.manual_seed(0)
     (host0, self0), wall0 = _cpu_seconds(), time.perf_counter()
+    last: list = []
     try:
         thunk = spec.setup(prob)
-        warm, times = time_thunk(thunk, dev, repeats, budget_s)
+        if hasattr(thunk, "counts"):
+            thunk.counts.clear()
+        warm, times = time_thunk(thunk, dev, repeats, budget_s, keep=last)
         (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
     except Exception as err:  # noqa: BLE001 - every failure is a result to report
         from benchmarks.competitors import Skipped
@@ -253,6 +260,8 @@ def measure_entry(
     result["median_ms"] = 1e3 * statistics.median(times)
     result["min_ms"] = 1e3 * min(times)
     result.update(_coverage(spec, thunk, prob))
+    result.update(_eigen(problem, spec, thunk, last[0], 1 + len(times), quick, dev))
+    last.clear()
     if check:
         result.update(_check(problem, spec, thunk, prob, quick, dev))
     return result
@@ -269,6 +278,29 @@ def _coverage(spec: Any, thunk: Callable[[], Any], prob: Any) -> dict[str, Any]:
         return {}
     return {"status": "invalid", "error": f"result covers {covered} of {prob.num_params} "
             "parameters (unsupported layers silently left out)"}
+
+
+def _eigen(problem: str, spec: Any, thunk: Callable[[], Any], out: Any, calls: int,
+           quick: bool, dev: torch.device) -> dict[str, Any]:
+    """Operator work and accuracy of an eig entry.
+
+    The work is per call: the counts over ``calls`` identical, seeded calls divided by
+    ``calls``; the accuracy is that of ``out``, the last timed call's result.
+    """
+    from benchmarks.check import EIG_TASKS, eig_accuracy
+    from benchmarks.competitors import EIG_K
+
+    if spec.task not in EIG_TASKS:
+        return {}
+    counts = getattr(thunk, "counts", None)
+    extra: dict[str, Any] = {}
+    if counts is not None:
+        extra["eig_counts"] = {k: round(v / calls, 1) for k, v in counts.items()}
+    try:
+        extra.update(eig_accuracy(out, problem, quick, spec.task, EIG_K, dev))
+    except Exception as err:  # noqa: BLE001 - a failed check is a result to report
+        extra["eig_error"] = _error_string(err)
+    return extra
 
 
 def _check(problem: str, spec: Any, thunk: Callable[[], Any], prob: Any, quick: bool,

@@ -55,3 +55,44 @@ def test_quick_run_writes_json_and_readme(tmp_path):
 
     readme = (tmp_path / "README.md").read_text()
     assert "mlp (quick)" in readme and "× fwd+bwd" in readme
+
+
+@pytest.mark.benchmark
+def test_quick_run_eigen_and_laplace_tasks(tmp_path):
+    """The eig and laplace tasks run in --quick mode; eig pairs and posteriors are right."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp_small",
+        "--tasks", "baseline", "eig_top10", "laplace_diag", "laplace_kron",
+        "--entries", "torch.*", "curvop.TorchGGN.eig_lowrank",
+        "curvlinops.GGNLinearOperator.eigsh", "curvop.CurvopGGN[[]*", "laplace.CurvlinopsGGN[[]*",
+        "--preload", "needed", "--repeats", "1", "--budget", "0.1",
+        "--out", str(tmp_path), "--timeout", "30", "--busy", "100", "--check",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    payload = json.loads((tmp_path / "mlp_small_cpu_quick.json").read_text())
+    entries = {r["entry"]: r for r in payload["results"]}
+    assert set(entries) == {
+        "torch.fwd_bwd", "curvop.TorchGGN.eig_lowrank", "curvlinops.GGNLinearOperator.eigsh",
+        "curvop.CurvopGGN[diag].fit", "curvop.CurvopGGN[kron].fit",
+        "laplace.CurvlinopsGGN[diag].fit", "laplace.CurvlinopsGGN[kron].fit",
+    }, proc.stdout
+    for r in entries.values():
+        assert r["status"] == "ok", (r["entry"], r["error"])
+        assert RESULT_FIELDS <= set(r) and r["ratio_fwd_bwd"] > 0
+    for name in ("curvop.TorchGGN.eig_lowrank", "curvlinops.GGNLinearOperator.eigsh"):
+        r = entries[name]
+        assert r["eig_k"] == 10
+        assert r["eig_rel_err"] < 1e-5 and r["eig_residual"] < 1e-3 and r["eig_orth"] < 1e-5
+        assert sum(r["eig_counts"].values()) > 0  # operator work was counted
+    assert entries["curvlinops.GGNLinearOperator.eigsh"]["eig_counts"]["products"] >= 10
+    assert entries["curvop.TorchGGN.eig_lowrank"]["reference"] == "curvop.TorchGGN.eig_lowrank"
+    for structure in ("diag", "kron"):
+        peer = entries[f"laplace.CurvlinopsGGN[{structure}].fit"]
+        assert peer["reference"] == f"curvop.CurvopGGN[{structure}].fit"
+        assert peer["check_rel_err"] < 1e-4, peer  # same posterior precision
+
+    readme = (tmp_path / "README.md").read_text()
+    assert "max rel. residual" in readme and "laplace_kron" in readme
