@@ -37,6 +37,11 @@ curvlinops' ``KFACLinearOperator`` (``separate_weight_and_bias=True``) has the s
 blocks in both modes (for ``groups == 1``); its ``expand`` bias block treats positions as data,
 :math:`\sum_{k,n,t} g g^\top`, where the bias here keeps its exact block; for grouped
 convolutions it averages the inputs over groups into one ``A ⊗ B`` instead of one block per group.
+ASDL's (``AsdlGGN.kron``) convolution weights are the ``expand`` blocks here, but its bias block
+is the weight's output-side factor :math:`\sum_{k,n,t} g g^\top` (positions as data), not the
+exact block. Neither backend's convolution factors can be converted into the ones here: they
+would need sums (over positions of ``g g^\top``, or of ``a`` before the outer product) that
+their results do not hold. For Linear layers without weight sharing all of them agree.
 
 **Layout.** Blocks follow parameter order and each parameter's row-major layout: a weight
 `(O, I)` (a convolution's `(O, C_in/G, *kernel)`) is ``[A, B]`` with ``A`` `(O, O)` and ``B``

@@ -525,3 +525,36 @@ def test_kron_result_is_symmetric_psd_on_the_models_dtype():
     D = K.to_dense()
     assert D.dtype == DT and torch.equal(D, D.T)
     assert torch.linalg.eigvalsh(D).min() > -1e-12
+
+
+def test_conv_factor_conventions_of_the_three_backends():
+    """Conv2d Kron of curvop's native, ASDL and BackPACK backends, as documented in curvop.kfac.
+
+    Native ``expand`` is the reference; ASDL has the same weight blocks but the weight's output
+    factor as its bias block; BackPACK has the ``reduce`` output side, ``T`` times the
+    ``expand`` input side and the exact bias block. Linear layers agree everywhere.
+    """
+    pytest.importorskip("asdl")
+    pytest.importorskip("backpack")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(3 * 5 * 5, 4)).to(DT)
+    x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
+    T = 25  # positions of the 5 x 5 output
+    kron = {name: getattr(curvop, name)(net, "classification").kron(x, y, N=6)[1].kfacs
+            for name in ("TorchGGN", "AsdlGGN", "BackPackGGN")}
+    exp = kron["TorchGGN"]
+    red = curvop.TorchGGN(net, "classification").kron(x, y, N=6, approx="reduce")[1].kfacs
+    asdl, bp = kron["AsdlGGN"], kron["BackPackGGN"]
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(asdl[0][0], exp[0][0], **close)
+    torch.testing.assert_close(asdl[0][1], exp[0][1], **close)
+    torch.testing.assert_close(asdl[1][0], exp[0][0], **close)  # bias: positions as data
+    assert not torch.allclose(asdl[1][0], exp[1][0], rtol=0.1)  # ... not the exact block
+    torch.testing.assert_close(bp[0][0], red[0][0], **close)
+    torch.testing.assert_close(bp[0][1], T * exp[0][1], **close)
+    torch.testing.assert_close(bp[1][0], exp[1][0], **close)  # exact bias block
+    for other in (asdl, bp):
+        for block, ref_block in zip(other[2:], exp[2:]):
+            for F, R in zip(block, ref_block):
+                torch.testing.assert_close(F, R, **close)
