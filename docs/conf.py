@@ -40,7 +40,9 @@ default_role = "literal"  # docstrings write shapes as `(B, P)`
 
 # --- autodoc / napoleon (Google-style docstrings throughout) ------------------------------
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
+# types go next to each documented parameter and return value, so that signatures stay short
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
 autodoc_inherit_docstrings = False  # never pull linear_operator's docstrings into ours
 autodoc_default_options = {"show-inheritance": True}
 napoleon_google_docstring = True
