@@ -330,11 +330,34 @@ def _shown_bases(bases: list[type]) -> list[type]:
     return shown
 
 
+def _public_path(cls: type) -> str:
+    """The shortest importable path of another library's class.
+
+    ``laplace.curvature.X`` rather than ``laplace.curvature.curvature.X``, so that the reader
+    can tell it from curvop's namesake.
+    """
+    parts = cls.__module__.split(".")
+    for cut in range(1, len(parts) + 1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        if getattr(module, cls.__name__, None) is cls:
+            return f"{module.__name__}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def hide_private_bases(app: Sphinx, name: str, obj, options, bases: list) -> None:
-    """``autodoc-process-bases``: see :func:`_shown_bases` (the list is changed in place)."""
-    bases[:] = _shown_bases(list(bases))
+    """``autodoc-process-bases``: see :func:`_shown_bases` (the list is changed in place).
+
+    Other libraries' bases are named by their full public path (``laplace.curvature.
+    GGNInterface`` beside curvop's own ``GGNInterface``).
+    """
+    shown = _shown_bases(list(bases))
     # a base that another listed base already derives from says nothing new
-    bases[:] = [b for b in bases if not any(o is not b and issubclass(o, b) for o in bases)]
+    shown = [b for b in shown if not any(o is not b and issubclass(o, b) for o in shown)]
+    bases[:] = [b if b.__module__ in ("builtins", "curvop") or b.__module__.startswith(
+        "curvop.") else f":py:class:`{_public_path(b)}`" for b in shown]
 
 
 #: the line of a Markdown page that the benchmark report replaces (its headings one level down)
