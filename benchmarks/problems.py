@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PROBLEMS", "DEFAULT_PROBLEMS", "Problem", "make_problem"]
+__all__ = ["DEFAULT_PROBLEMS", "LARGE_PROBLEMS", "PROBLEMS", "Problem", "make_problem"]
 
 ProblemTuple = tuple[nn.Module, Tensor, Tensor, str]
 
@@ -279,6 +279,148 @@ def transformer_encoder(quick: bool = False) -> ProblemTuple:
     return model.eval(), *_tokens(gen, vocab, seq, b, c), "classification"
 
 
+def cnn_small(quick: bool = False) -> ProblemTuple:
+    """Three Conv2d+ReLU+MaxPool stages (16, 24, 32 channels) and a Linear head on 3x32x32.
+
+    16,002 parameters at batch 64: small enough that a dense `P x P` matrix (1.0 GB in
+    float32) fits in memory, so ``full()`` can be compared with laplace-torch's backends.
+    Quick: 3x8x8 images, channels (4, 4, 4), batch 4 (423 parameters).
+
+    Args:
+        quick: Return the tiny variant.
+
+    Returns:
+        `(model, x, y, 'classification')`.
+    """
+    side, (c1, c2, c3), c, b = (8, (4, 4, 4), 3, 4) if quick else (32, (16, 24, 32), 10, 64)
+    gen = _seeded(7)
+    model = nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c3 * (side // 8) ** 2, c),
+    )
+    return model.eval(), *_data(gen, (3, side, side), b, c), "classification"
+
+
+class StockSequenceClassifier(nn.Module):
+    """Embedding, a stock ``nn.TransformerEncoder``, mean pool over tokens, Linear head."""
+
+    def __init__(self, vocab: int, d: int, heads: int, ffn: int, layers: int, classes: int):
+        """Build the classifier.
+
+        Args:
+            vocab: Vocabulary size.
+            d: Model width.
+            heads: Number of attention heads.
+            ffn: Hidden width of each layer's feed-forward block.
+            layers: Number of ``nn.TransformerEncoderLayer``s.
+            classes: Number of classes.
+        """
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Map `(B, T)` token ids to `(B, classes)` logits."""
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def transformer_3m(quick: bool = False) -> ProblemTuple:
+    """Embedding(1000, 256) + stock ``nn.TransformerEncoder`` (4 layers) + mean pool + head.
+
+    The BERT-mini shape: width 256, 4 heads, feed-forward 1024, post-LayerNorm (the
+    ``nn.TransformerEncoderLayer`` defaults, ReLU, dropout 0.1), 10 classes: 3,417,610
+    parameters (embedding 256,000, each layer 789,760, head 2,570). Sequences of 32 tokens,
+    batch 16. Eval mode, so dropout is off and PyTorch takes the fused encoder kernel
+    (``aten::_transformer_encoder_layer_fwd``) whenever no gradient is recorded; the model
+    is used exactly as built, nothing is switched off for the benchmark.
+
+    Args:
+        quick: Return the tiny variant (vocab 20, width 8, 2 heads, feed-forward 16,
+            2 layers, 4 tokens, batch 4, 3 classes).
+
+    Returns:
+        `(model, x, y, 'classification')`.
+    """
+    vocab, d, heads, ffn, layers, seq, b, c = (20, 8, 2, 16, 2, 4, 4, 3) if quick else (
+        1000, 256, 4, 1024, 4, 32, 16, 10
+    )
+    gen = _seeded(8)
+    model = StockSequenceClassifier(vocab, d, heads, ffn, layers, c)
+    return model.eval(), *_tokens(gen, vocab, seq, b, c), "classification"
+
+
+class _TinyResNet(nn.Module):
+    """Torchvision ``BasicBlock``s at widths 4 and 8: the quick variant of :func:`resnet18`."""
+
+    def __init__(self, classes: int):
+        """Build the network.
+
+        Args:
+            classes: Number of classes.
+        """
+        from torchvision.models.resnet import BasicBlock
+
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+        self.layer1 = BasicBlock(4, 4)
+        self.layer2 = BasicBlock(4, 8, stride=2, downsample=down)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map `(B, 3, H, W)` images to `(B, classes)` logits."""
+        h = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(h), 1))
+
+
+def _calibrate_batchnorm(model: nn.Module, x: Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of the batch ``x`` (one pass)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one pass gives the batch statistics
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m in norms:
+        m.momentum = 0.1
+
+
+def resnet18(quick: bool = False) -> ProblemTuple:
+    """The stock torchvision ``resnet18(num_classes=10)`` on 3x32x32 images, batch 128.
+
+    11,181,642 parameters. Stock means the ImageNet stem (7x7 stride-2 convolution and
+    3x3 stride-2 max-pool, so the residual stages see 8x8 to 1x1 maps); the CIFAR variant
+    (3x3 stem, no max-pool) costs 16x the FLOPs, ~40 s per forward + backward on one CPU
+    thread. No weights are downloaded. The BatchNorm running statistics are set from the
+    batch itself (one no-grad pass), then the model is put in eval mode, so the BatchNorms
+    are fixed affine maps and the GGN is a sum over independent samples.
+
+    Args:
+        quick: Return the tiny variant (torchvision ``BasicBlock``s at widths 4 and 8,
+            3x8x8 images, batch 4, 3 classes, 1,391 parameters).
+
+    Returns:
+        `(model, x, y, 'classification')`.
+    """
+    from torchvision.models import resnet18 as tv_resnet18
+
+    side, c, b = (8, 3, 4) if quick else (32, 10, 128)
+    gen = _seeded(9)
+    model = _TinyResNet(c) if quick else tv_resnet18(weights=None, num_classes=c)
+    x, y = _data(gen, (3, side, side), b, c)
+    _calibrate_batchnorm(model, x)
+    return model.eval(), x, y, "classification"
+
+
 PROBLEMS: dict[str, Callable[[bool], ProblemTuple]] = {
     "mlp": mlp,
     "mlp_small": mlp_small,
@@ -286,10 +428,19 @@ PROBLEMS: dict[str, Callable[[bool], ProblemTuple]] = {
     "mlp_layernorm": mlp_layernorm,
     "transformer": transformer,
     "transformer_encoder": transformer_encoder,
+    "cnn_small": cnn_small,
+    "transformer_3m": transformer_3m,
+    "resnet18": resnet18,
 }
 """Name -> problem function."""
 
-DEFAULT_PROBLEMS = list(PROBLEMS)
+LARGE_PROBLEMS = ("cnn_small", "transformer_3m", "resnet18")
+"""Problems that run only when named (``--problems``): minutes per entry on one CPU thread
+(``transformer_3m``, ``resnet18``; the issue-10 scale) or dense `P x P` matrices of 1 GB
+(``cnn_small``)."""
+
+DEFAULT_PROBLEMS = [name for name in PROBLEMS if name not in LARGE_PROBLEMS]
+"""What ``python -m benchmarks.run`` measures without ``--problems``."""
 
 
 def make_problem(
