@@ -347,9 +347,10 @@ class DualFactorization:
 
     def _cholesky(self, delta: float) -> Tensor:
         if delta not in self._chol:
-            R = self.num_rows
-            eye = torch.eye(R, dtype=torch.float64, device=self.W.device)
-            L, info = torch.linalg.cholesky_ex(self.W + delta * eye)
+            A = self.W.clone()  # W + δI without an (R, R) identity
+            A.diagonal().add_(delta)
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) != 0:
                 raise InputError(f"δ = {delta:g}: δI + W is not positive definite")
             if len(self._chol) >= 2:
