@@ -110,6 +110,115 @@ def test_to_dtype_round_trip_leaves_model_alone():
     torch.testing.assert_close(op.detach().to_dense(), op.to_dense())
 
 
+# --- lean layers: conv / layer_norm / eval batch_norm with a JVP as their second backward ---
+
+class _Conv1dNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=1)
+        self.c2 = torch.nn.Conv1d(4, 4, 2, groups=2, padding="same", bias=False)
+        self.ln = torch.nn.LayerNorm(4, elementwise_affine=False)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x.view(-1, 2, 8)))
+        h = self.ln(torch.tanh(self.c2(h)).transpose(1, 2))  # padding='same': torch's own conv
+        return self.head(h.flatten(1))
+
+
+def _lean_models():
+    nn = torch.nn
+    return {
+        # stride, dilation, groups, no bias, tuple padding, circular padding, eval BatchNorm2d
+        "conv2d": nn.Sequential(
+            nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 4, 3, stride=(1, 2), padding=(1, 2),
+                                                  dilation=(2, 1)),
+            nn.BatchNorm2d(4), nn.Tanh(),
+            nn.Conv2d(4, 4, 2, groups=2, bias=False, padding=1, padding_mode="circular"),
+            nn.Sigmoid(), nn.Flatten(), nn.LazyLinear(3)),
+        "conv1d_ln": _Conv1dNet(),
+        "conv3d": nn.Sequential(nn.Unflatten(1, (1, 2, 2, 4)), nn.Conv3d(1, 3, 2, padding=1),
+                                nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+        # LayerNorm over two dimensions, without bias; BatchNorm1d without affine parameters
+        "layernorm2d": nn.Sequential(nn.Unflatten(1, (4, 4)), nn.LayerNorm((4, 4), bias=False),
+                                     nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5,
+                                     affine=False), nn.Tanh(), nn.Linear(5, 3)),
+    }
+
+
+def _graph_nodes(t):
+    names, seen, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name", list(_lean_models()))
+def test_lean_layers_products_match_dense(name):
+    """GGN/EF/MC-Fisher products through the lean layers equal the dense float64 references,
+    for one column and for batched columns, and the cached graph really uses them; the
+    Hessian (which needs every second derivative) does not."""
+    torch.manual_seed(0)
+    model = _lean_models()[name].double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    model(x)  # materialise lazy layers
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    model.eval()
+    register(model)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=g,
+                    dtype=torch.float64)
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    for kind in ("ggn", "ef"):
+        _, op = KINDS[kind](model, "classification").full_operator(x, y)
+        H = ref.CURVATURES[kind](model, x, y, "classification")
+        torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], **tol)
+        torch.testing.assert_close(op @ V, H @ V, **tol)
+        assert op.products.mode == "reverse"
+        assert "_LeanOpBackward" in _graph_nodes(op.products.f)
+    # the Hessian: one reference HVP (double backward of torch's own layers)
+    _, op = KINDS["hessian"](model, "classification").full_operator(x, y)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(ref.loss_fn("classification", model(x), y), params,
+                                create_graph=True)
+    vs = [c.view_as(p) for c, p in zip(V[:, 0].split([p.numel() for p in params]), params)]
+    hv = torch.autograd.grad(grads, params, vs)
+    torch.testing.assert_close(op @ V[:, 0], torch.cat([h.flatten() for h in hv]), **tol)
+    assert not any("Lean" in n for n in _graph_nodes(op.products.g[0][1]))
+    mc = curvop.TorchGGN(model, "classification", stochastic=True, num_samples=2,
+                         generator=torch.Generator().manual_seed(3))
+    _, op = mc.full_operator(x, y)
+    torch.testing.assert_close(op @ V, op.to_dense() @ V, **tol)  # to_dense: per-sample VJPs
+
+
+def test_lean_layers_keep_the_cotangent_path_only():
+    """The cached graph of a lean convolution yields exact J v (its JVP), and the lean layers
+    are only active while that graph is recorded (a plain forward afterwards is torch's)."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(24, 2)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    register(model)
+    _, op = curvop.TorchGGN(model, "regression").full_operator(x, y)
+    pr = op.products
+    v = torch.randn(op.shape[0], generator=g, dtype=torch.float64)
+    J, _ = ref.jacobians(model, x.flatten(1).view(4, 2, 8))
+    JV = pr._jv(pr.batch.unflat_columns(v[None]))[0]
+    torch.testing.assert_close(JV, J @ v, rtol=1e-12, atol=1e-12)
+    out = model(x)
+    assert "_LeanOpBackward" not in _graph_nodes(out)
+
+
 # the iterative path of the GGN and Hessian runs hundreds of CG steps: behind `slow`, the EF
 # keeps the iterative path in the default run
 ROUTINE_CASES = [(c, k) for c in (False, True) for k in KINDS]
