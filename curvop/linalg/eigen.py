@@ -64,7 +64,8 @@ def top_eigenpairs(op: LinearOperator, k: int, tol: float = 1e-8, maxiter: int |
         maxiter: ARPACK iteration limit (default ``10 P``).
         method: ``'auto'`` (the data-space dual where the operator has a square-root form
             ``MᵀM`` with at most :data:`DUAL_MAX_ROWS` rows, fewer than `P`, and the Gram
-            matrix comes in closed form (``nn.Linear`` networks); Lanczos otherwise),
+            matrix comes in closed form (networks whose parameters all sit in ``nn.Linear``
+            layers); Lanczos otherwise),
             ``'dual'`` (the dual, the Gram matrix from per-sample rows where there is no
             closed form) or ``'lanczos'``.
 
@@ -155,6 +156,21 @@ def _top_of_gram(W: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return dense()
 
 
+def _linear_network(op: LinearOperator) -> bool:
+    """Whether every module owning trainable parameters of ``op``'s network is ``nn.Linear``.
+
+    The closed-form Gram matrix exists only then (convolutions, embeddings, norms: per-sample
+    rows instead, which cost more than Lanczos). ``True`` when the network is not at hand.
+    """
+    model = getattr(getattr(op, "_iface", None), "model", None)
+    if model is None:
+        model = getattr(getattr(getattr(op, "_batch", None), "fm", None), "module", None)
+    if not isinstance(model, torch.nn.Module):
+        return True
+    return all(isinstance(m, torch.nn.Linear) for m in model.modules()
+               if any(p.requires_grad for p in m.parameters(recurse=False)))
+
+
 def _dual_eigenpairs(op: LinearOperator, k: int, required: bool
                      ) -> tuple[Tensor, Tensor] | None:
     """Top eigenpairs through the data-space Gram matrix, or ``None`` where it does not pay.
@@ -180,6 +196,8 @@ def _dual_eigenpairs(op: LinearOperator, k: int, required: bool
             raise InputError(f"method='dual': the curvature has at most R = {R} nonzero "
                              f"eigenvalues; k = {k} needs the Lanczos route")
         return None
+    if not required and not _linear_network(op):
+        return None  # no closed form: trying it would cost a tap pass for nothing
     W = dual.gram() if required else dual._tap_gram()
     if W is None:
         return None

@@ -131,7 +131,13 @@ def test_low_rank_operator_errors():
         low_rank_operator(torch.zeros(4, 1), -torch.ones(1))
 
 
-def test_case_models_eig_lowrank_cnn():
+def test_case_models_eig_lowrank_cnn(monkeypatch):
+    from curvop.linalg.dual import DataSpaceDual
+
+    def no_taps(self):
+        raise AssertionError("auto route tried the closed-form Gram on a CNN")
+
+    monkeypatch.setattr(DataSpaceDual, "_tap_gram", no_taps)  # convolutions: straight to Lanczos
     model, x, y = Case("cnn", "classification").build()
     loader = [(x[:3], y[:3]), (x[3:], y[3:])]
     iface = curvop.TorchGGN(model, "classification", low_rank=3)
@@ -166,15 +172,20 @@ def wide_problem():
 
 @pytest.mark.parametrize(("method", "k"), [("auto", 1), ("auto", 10), ("dual", 10),
                                            ("lanczos", 3)])
-def test_top_eigenpairs_routes_match_dense(wide_problem, method, k):
+def test_top_eigenpairs_routes_match_dense(wide_problem, method, k, monkeypatch):
     from curvop.linalg import eigen
     from curvop.linalg.dual import DataSpaceDual
 
+    grams = []
+    tap_gram = DataSpaceDual._tap_gram
+    monkeypatch.setattr(DataSpaceDual, "_tap_gram",
+                        lambda self: grams.append(1) or tap_gram(self))
     model, loader, G, lam_ref, U_ref = wide_problem
     lam_ref, U_ref = lam_ref[:k], U_ref[:, :k]
     op = curvop.TorchGGN(model, "classification").dataset_operator(loader)
     assert DataSpaceDual(op).num_rows == 520 > eigen._DENSE_GRAM_ROWS
     U, lam = eigen.top_eigenpairs(op, k, method=method)
+    assert len(grams) == (0 if method == "lanczos" else 1)  # auto: the closed-form dual
     torch.testing.assert_close(lam, lam_ref, rtol=1e-8, atol=0)
     signs = torch.sign((U * U_ref).sum(0))
     torch.testing.assert_close(U * signs, U_ref, rtol=0, atol=1e-6)
