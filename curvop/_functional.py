@@ -205,6 +205,44 @@ class Batch:
             return self._sqrt_vjps_loop(rows, S)
         return self.flat(out, 2)
 
+    def sqrt_vjps_live(self, rows: slice, S: Tensor, slots: Sequence[int]) -> list[Tensor]:
+        """Per-sample ``S_nᵀ J_n`` in the live tensors ``theta[slots]`` only.
+
+        One `(n, K, *shape)` tensor per slot (live shapes, not restricted to the selection);
+        the other parameters are held fixed, so no per-sample gradient is formed for them.
+        """
+        slots = list(slots)
+        theta = list(self.theta)
+
+        def one(xn: Tensor, sn: Tensor) -> Params:
+            def fn(sub: Params) -> Tensor:
+                th = list(theta)
+                for i, t in zip(slots, sub):
+                    th[i] = t
+                return self.fm.single(th, xn)
+
+            _, pullback = vjp(fn, tuple(theta[i] for i in slots))
+            return vmap(pullback)(sn.T)[0]
+
+        try:
+            return list(vmap(one, randomness="different")(self.x[rows], S))
+        except RuntimeError:
+            pass
+        leaves = [t.detach().requires_grad_() for t in theta]
+        out: list[list[Tensor]] = [[] for _ in slots]
+        with torch.enable_grad():
+            for i, n in enumerate(range(*rows.indices(self.size))):
+                fn = self.fm(leaves, self.x[n: n + 1])[0]
+                cols: list[list[Tensor]] = [[] for _ in slots]
+                for k in range(S.shape[-1]):
+                    g = torch.autograd.grad(fn, [leaves[j] for j in slots], S[i, :, k],
+                                            retain_graph=True, allow_unused=True)
+                    for c, gi, j in zip(cols, g, slots):
+                        c.append(torch.zeros_like(theta[j]) if gi is None else gi)
+                for o, c in zip(out, cols):
+                    o.append(torch.stack(c))
+        return [torch.stack(o) for o in out]
+
     def _sqrt_vjps_loop(self, rows: slice, S: Tensor) -> Tensor:
         theta = [t.detach().requires_grad_() for t in self.theta]
         out = []

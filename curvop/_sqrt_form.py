@@ -35,20 +35,29 @@ def sqrt_vjp_chunks(batch: Batch, S: Tensor) -> Iterator[Tensor]:
 def sqrt_form_diag(batch: Batch, S: Tensor, verified: set | None = None) -> Tensor:
     """The exact diagonal `(P,)`.
 
-    Closed form for networks of Linear/Conv layers (squares of per-sample gradients from layer
-    inputs and backpropagated columns of ``S``, see :mod:`curvop._taps`); per-sample VJPs
-    otherwise.
+    Layer by layer: closed form for the layers with taps (Linear, Conv, attention projections:
+    squares of per-sample gradients from layer inputs and backpropagated columns of ``S``, see
+    :mod:`curvop._taps`), per-sample VJPs in the remaining parameters only (LayerNorm, custom
+    modules, tied weights) — a LayerNorm in an MLP does not send the whole network down the
+    per-sample path.
     """
-    taps = tap_layers(batch, S, verified)
-    if taps is None:
-        h = batch.f.new_zeros(batch.sel.num_params)
-        for M in sqrt_vjp_chunks(batch, S):
-            h += M.square().sum((0, 1))
-        return h
+    taps, unhandled = tap_layers(batch, S, verified, partial=True)
     parts: list[Tensor | None] = [None] * len(batch.theta)
     for t in taps:
-        for slot, d in zip(t.param_slots, diag_sq_sum(t.a, t.g, t.has_bias)):
+        sq = diag_sq_sum(t.a, t.g, t.has_bias)
+        for slot, d in zip(t.param_slots, sq if t.has_weight else sq[1:]):
             parts[slot] = d
+    rest = sorted({s for u in unhandled for s in u.param_slots}
+                  | {i for i, p in enumerate(parts) if p is None})
+    if rest:
+        K = S.shape[-1]
+        live = sum(batch.theta[i].numel() for i in rest)
+        per_sample = 3 * K * (live + batch.x[:1].numel() + batch.f.shape[-1]) * batch.itemsize
+        for i in rest:
+            parts[i] = batch.theta[i].new_zeros(batch.theta[i].shape)
+        for rows in batch.sample_chunks(per_sample):
+            for i, M in zip(rest, batch.sqrt_vjps_live(rows, S[rows], rest)):
+                parts[i] += M.square().sum((0, 1))
     return batch.flat(parts, 0)
 
 

@@ -98,8 +98,12 @@ class CurvatureLinearOperator(LinearOperator):
         b = self._batch
         per_col = 6 * (b.sel.num_live + b.f.numel()) * b.itemsize + b.x.numel() * b.itemsize
         n = chunk_size(b.budget, per_col, cols.shape[0])
-        out = torch.cat([self.products.matmat(cols[i: i + n])
-                         for i in range(0, cols.shape[0], n)])
+        products = self.products
+        if n >= cols.shape[0]:
+            out = products.matmat(cols)
+        else:
+            out = torch.cat([products.matmat(cols[i: i + n])
+                             for i in range(0, cols.shape[0], n)])
         if rhs.dim() == 1:
             return out[0]
         return out.reshape(*rhs.shape[:-2], rhs.shape[-1], P).movedim(-1, -2)
@@ -113,6 +117,10 @@ class CurvatureLinearOperator(LinearOperator):
         """
         if isinstance(other, Tensor):
             _checks.check_vector(other, self._P, self.dtype, self.device)
+            if not (other.requires_grad and torch.is_grad_enabled()):
+                # nothing to differentiate: skip linear_operator's autograd Function, which
+                # rebuilds the operator from its arguments on every call
+                return self._matmul(other)
         return super().matmul(other)
 
     def __matmul__(self, other):

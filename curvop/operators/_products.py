@@ -302,6 +302,7 @@ class SqrtFormProducts:
                 self.mode = "reverse" if self.jtu else "forward"
             except RuntimeError:
                 self.jtu, self.mode = [], "forward"
+        self.batched = _batch_friendly(self.f)  # several columns at once, or one by one
 
     def _jv(self, V: tuple[Tensor, ...]) -> Tensor:
         """``J v`` for tangents ``V`` `(k, *shape)` per parameter: `(k, B, C)`."""
@@ -341,11 +342,46 @@ class SqrtFormProducts:
             return torch.bmm(W, self.Lam).transpose(0, 1)  # Λ symmetric
         return torch.bmm(torch.bmm(W, self.S), self.S.transpose(1, 2)).transpose(0, 1)
 
-    def matmat(self, V: Tensor) -> Tensor:
-        """Rows of ``V`` `(k, P)` (selected space) times the curvature: `(k, P)`."""
+    def _matmat(self, V: Tensor) -> Tensor:
         b = self.batch
         JV = self._jv(b.unflat_columns(V))
         return b.flat(self._jtu(self._output_hessian(JV)), 1).detach()
+
+    def _columns(self, V: Tensor) -> Tensor:
+        return torch.cat([self._matmat(V[i: i + 1]) for i in range(V.shape[0])])
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Rows of ``V`` `(k, P)` (selected space) times the curvature: `(k, P)`.
+
+        Several columns go through the cached graphs at once (``vmap`` over the cotangents:
+        larger matrix products, a win for MLPs on CPU), or one by one where the graph holds
+        layers whose batching rules copy their operands (convolution, pooling, batched matrix
+        products as in attention, recurrent layers; see :func:`_batch_friendly`).
+        """
+        if V.shape[0] == 1 or self.batched:
+            return self._matmat(V)
+        return self._columns(V)
+
+
+_UNBATCHED = ("Convolution", "Pool", "Bmm", "Rnn", "Lstm", "Gru", "Cudnn", "Mkldnn")
+
+
+def _batch_friendly(out: Tensor) -> bool:
+    """Whether ``vmap`` over cotangents beats a loop for the graph of ``out``.
+
+    True unless a node's name contains one of :data:`_UNBATCHED` or it is a lean convolution.
+    """
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        name = type(fn).__name__
+        if any(k in name for k in _UNBATCHED) or isinstance(getattr(fn, "spec", None), _Conv):
+            return False
+        todo.extend(f for f, _ in fn.next_functions)
+    return True
 
 
 class HessianProducts:

@@ -8,7 +8,7 @@ import torch
 from curvature.test_conformance import assert_unsupported, unsupported
 
 import reference as ref
-from cases import Case, cases
+from cases import Case, cases, register
 from registry import BACKENDS, backend_ids
 
 CASES = cases(dtypes=(torch.float64,))
@@ -142,3 +142,68 @@ def test_mc_fisher_equals_reference_with_the_same_samples(case):
         iface.generator.manual_seed(11)
         torch.testing.assert_close(iface.diag(x, y)[1], H_ref.diagonal(), rtol=1e-10,
                                    atol=1e-12)
+
+
+class _TiedLN(torch.nn.Module):
+    """Linear layers with taps, LayerNorms without, a frozen weight with a live bias, a Linear
+    used twice (its taps fail the check) and a bare parameter: every route of the diagonal."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.inp = nn.Linear(16, 6)
+        self.ln = nn.LayerNorm(6)
+        self.shared = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.weight.requires_grad_(False)
+        self.ln2 = nn.LayerNorm(6, bias=False)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.ln(self.inp(x)))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        h = self.ln2(torch.tanh(self.frozen(h))) * self.gain
+        return self.head(h)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_diag_taps_where_possible_per_sample_vjps_elsewhere(likelihood, monkeypatch):
+    """The exact diagonal with some layers tapped and the rest through per-sample VJPs equals
+    the dense reference (GGN, EF, MC Fisher; whole model and a subnetwork), and the per-sample
+    path sees only the parameters without taps."""
+    from curvop._functional import Batch
+
+    torch.manual_seed(0)
+    model = _TiedLN().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=g) if likelihood == "classification" else \
+        torch.randn(7, 3, generator=g, dtype=torch.float64)
+    register(model)
+    seen = []
+    live_vjps = Batch.sqrt_vjps_live
+
+    def spy(self, rows, S, slots):
+        seen.append({self.sel.names[i] for i in slots})
+        return live_vjps(self, rows, S, slots)
+
+    monkeypatch.setattr(Batch, "sqrt_vjps_live", spy)
+    monkeypatch.setattr(Batch, "sqrt_vjps", lambda *a, **k: pytest.fail("all-parameter VJPs"))
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    cls = BACKENDS["torch"]
+    for kind in ("ggn", "ef"):
+        H = ref.CURVATURES[kind](model, x, y, likelihood)
+        torch.testing.assert_close(cls[kind](model, likelihood).diag(x, y)[1], H.diagonal(),
+                                   **tol)
+        idx = torch.randperm(H.shape[0], generator=g)[:20]
+        h = cls[kind](model, likelihood, subnetwork_indices=idx).diag(x, y)[1]
+        torch.testing.assert_close(h, H.diagonal()[idx], **tol)
+    untapped = {"ln.weight", "ln.bias", "shared.weight", "shared.bias", "ln2.weight", "gain"}
+    assert seen and all(s <= untapped for s in seen) and untapped in seen, seen
+    mc = cls["ggn"](model, likelihood, stochastic=True, num_samples=2,
+                    generator=torch.Generator().manual_seed(4))
+    _, op = mc.full_operator(x, y)
+    d = op.diagonal()
+    monkeypatch.undo()  # to_dense assembles from all-parameter per-sample VJPs
+    torch.testing.assert_close(d, op.to_dense().diagonal(), **tol)
