@@ -128,7 +128,10 @@ def select_entries(tasks: list[str] | None, globs: list[str] | None) -> list[str
 def add_ratios(results: list[dict[str, Any]]) -> None:
     """Add ``ratio_fwd_bwd`` and ``ratio_curvop`` (and any missing keys) to each result.
 
-    ``ratio_fwd_bwd`` is the median time over that of one forward + backward pass;
+    ``ratio_fwd_bwd`` is the median time over that of one forward + backward pass measured
+    in the same run (``baseline_ms``, stored with each result, so that results merged from
+    runs on a differently loaded host keep their own baseline; the current baseline where a
+    result has none);
     ``ratio_curvop`` is the median time over that of the task's curvop reference entry (the
     first of :data:`benchmarks.competitors.REFERENCE` that ran, stored as ``reference``);
     ``None`` where either time is missing.
@@ -146,7 +149,8 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         ref_name = next((c for c in candidates if median.get(c) is not None), None)
         t, ref = r.get("median_ms"), median.get(ref_name) if ref_name else None
         r["reference"] = ref_name
-        r["ratio_fwd_bwd"] = t / base if t is not None and base else None
+        own = r.get("baseline_ms") or base
+        r["ratio_fwd_bwd"] = t / own if t is not None and own else None
         r["ratio_curvop"] = t / ref if t is not None and ref else None
 
 
@@ -283,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                        commit=machine["commit"])
             results.append(res)
             print(_line(res), flush=True)
+        base_ms = next((r.get("median_ms") for r in results if r["entry"] == BASELINE), None)
+        for r in results:
+            r["baseline_ms"] = base_ms
         if args.tasks or args.entries or args.redo_busy:
             results = _merge(path, machine, results)
         add_ratios(results)
