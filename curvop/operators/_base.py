@@ -55,7 +55,12 @@ class CurvatureLinearOperator(LinearOperator):
     Args:
         *theta: The live parameter tensors (detached), as ``linear_operator`` wants them.
         batch: The :class:`~curvop._functional.Batch` the curvature is taken on.
+        cache: Internal: the linearisation, shared by the copies linear_operator rebuilds
+            inside every product. Leave it out.
         **kwargs: Further keyword arguments of the subclass (tensors such as ``S``).
+
+    Raises:
+        NotSupportedError: If there is no parameter tensor.
     """
 
     def __init__(self, *theta: Tensor, batch: Batch, cache: dict | None = None,
@@ -85,7 +90,11 @@ class CurvatureLinearOperator(LinearOperator):
         return self._shared[key]
 
     def linearize(self) -> CurvatureLinearOperator:
-        """Build the cached linearisation now (else the first product does); returns ``self``."""
+        """Build the cached linearisation now (else the first product does).
+
+        Returns:
+            ``self``, for chaining (``op = iface.full_operator(x, y)[1].linearize()``).
+        """
         _ = self.products
         return self
 
@@ -110,6 +119,13 @@ class CurvatureLinearOperator(LinearOperator):
 
     def matmul(self, other):
         """``self @ other`` with ``other`` checked first (length, dtype, device).
+
+        Args:
+            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)` of the operator's dtype
+                and device, or a LinearOperator with ``P`` rows.
+
+        Returns:
+            The product, shaped like ``other``.
 
         Raises:
             InputError: If ``other`` does not have `P` rows or is on another device.
@@ -167,6 +183,9 @@ class CurvatureLinearOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The dense `(P, P)` matrix (from products with identity columns unless overridden).
+
+        Returns:
+            A `(P, P)` tensor of the operator's dtype and device.
 
         Raises:
             MemoryBudgetError: If it cannot fit.
