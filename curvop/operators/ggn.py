@@ -32,6 +32,8 @@ class GGNLinearOperator(CurvatureLinearOperator):
         *theta: Live parameter tensors (detached).
         batch: The batch.
         S: Square-root columns `(B, C, K)`.
+        cache: Internal: the linearisation, shared by the copies linear_operator rebuilds
+            inside every product. Leave it out.
     """
 
     def __init__(self, *theta: Tensor, batch: Batch, S: Tensor, cache: dict | None = None
@@ -49,7 +51,14 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
-        """The dense `(P, P)` matrix, assembled from per-sample products (no `P` products)."""
+        """The dense `(P, P)` matrix, assembled from per-sample products (no `P` products).
+
+        Returns:
+            A `(P, P)` tensor of the operator's dtype and device.
+
+        Raises:
+            MemoryBudgetError: If it cannot fit.
+        """
         if self._P < self._S.shape[-1]:
             return super().to_dense()
         return sqrt_form_full(self._batch, self._S.detach())
