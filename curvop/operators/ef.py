@@ -27,6 +27,8 @@ class EFLinearOperator(GGNLinearOperator):
         *theta: Live parameter tensors (detached).
         batch: The batch (with targets).
         S: Optional; the output gradients `(B, C, 1)` (computed from the batch when omitted).
+        cache: Internal: the linearisation, shared by the copies linear_operator rebuilds
+            inside every product. Leave it out.
     """
 
     def __init__(self, *theta: Tensor, batch: Batch, S: Tensor | None = None,
