@@ -216,6 +216,13 @@ def low_rank_operator(eigenvectors: Tensor, eigenvalues: Tensor) -> LowRankRootL
 
     Adding ``δI`` gives an operator whose solve and log-determinant are exact.
 
+    Args:
+        eigenvectors: ``U``, `(P, k)` with orthonormal columns.
+        eigenvalues: ``λ``, `(k,)`, non-negative.
+
+    Returns:
+        A `(P, P)` ``LowRankRootLinearOperator`` with root ``U diag(√λ)``.
+
     Raises:
         InputError: On mismatched shapes or negative eigenvalues.
     """
