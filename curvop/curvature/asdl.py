@@ -548,6 +548,11 @@ class AsdlHessian(HessianOperatorMixin, AsdlInterface):
     ``full`` works for any model (ASDL differentiates twice with autograd); ``diag`` needs every
     selected parameter to be a module's ``weight`` or ``bias``. ASDL has no Kronecker-factored
     Hessian.
+
+    Raises:
+        InputError, InputTypeError: If an argument is malformed (see
+            :class:`~curvop.curvature.CurvatureInterface`), or ``low_rank`` is not a positive
+            int.
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
