@@ -351,15 +351,18 @@ class CurvatureInterface:
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """Top ``low_rank`` eigenpairs of the curvature summed over ``data_loader``.
 
-        Found matrix-free by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) over
-        products that stream the loader. "Top" means the largest *algebraic* eigenvalues: for
-        an indefinite Hessian the most positive ones (negative curvature is never returned);
-        only eigenvalues > 1e-6 are kept.
+        Found matrix-free by :func:`curvop.linalg.top_eigenpairs` over the loader's data-set
+        operator: for a GGN / MC Fisher / EF of a network of ``nn.Linear`` layers through the
+        data-space dual (the top eigenpairs of the `(R, R)` Gram matrix, exact to rounding),
+        otherwise by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) over products
+        that stream the loader. "Top" means the largest *algebraic* eigenvalues: for an
+        indefinite Hessian the most positive ones (negative curvature is never returned); only
+        eigenvalues > 1e-6 are kept.
 
         Args:
             data_loader: Re-iterable ``(x, y)`` batches in a fixed order.
-            tol: Relative accuracy of the eigenvalues (ARPACK's ``tol``).
-            maxiter: Iteration limit (ARPACK's; default ``10 P``).
+            tol: Relative accuracy of the eigenvalues on the Lanczos route (ARPACK's ``tol``).
+            maxiter: Iteration limit on the Lanczos route (ARPACK's; default ``10 P``).
 
         Returns:
             ``(eigenvectors (P, k), eigenvalues (k,), loss)``, eigenvalues descending.
