@@ -21,6 +21,11 @@ where no module hook reaches; while attention layers are tapped, a ``TorchFuncti
 function with the input projection (``in_proj_weight``, as three groups q/k/v) and
 ``out_proj`` made explicit and records their inputs and outputs. The numerical check covers
 these taps like the others.
+
+``nn.Embedding`` stores its weight transposed, `(I, O)` (see :mod:`curvop.layers`); its taps are
+handed out only to callers that pass ``transposed=True`` and read :attr:`Tap.transposed` (the
+gradient helpers of :mod:`curvop.layers` take it as an argument). For the others an embedding
+is an :class:`Unhandled` module (``partial=True``) or makes the strict taps ``None``, as before.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ class Tap:
     #: true positions per group when groups were zero-padded to a common ``T`` (attention)
     lengths: tuple[int, ...] | None = None
 
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored `(I, O)` (``nn.Embedding``), the transpose of ``g aᵀ``."""
+        return self.handler.transposed
+
 
 @dataclass
 class Unhandled:
@@ -72,13 +82,14 @@ class Unhandled:
     reason: str
 
 
-def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
+def plan_layers(batch: Batch, transposed: bool = False) -> tuple[list[Tap], list[Unhandled]]:
     """Taps of the handled layers owning live parameters, and the modules left unhandled.
 
     A layer is handled when its type has a :func:`~curvop.layers.handler_for` and its live
     parameters are among its weight and bias (``weight``/``bias``; ``in_proj_weight``/
     ``in_proj_bias`` for attention; a live bias with a frozen weight gives a tap with
-    ``has_weight=False``). Static only: the forward may still reject a tap (see
+    ``has_weight=False``). Layers whose weight is stored transposed (``nn.Embedding``) are
+    handled only with ``transposed=True``. Static only: the forward may still reject a tap (see
     :func:`tap_layers`).
     """
     slot = {n: i for i, n in enumerate(batch.sel.names)}
@@ -90,6 +101,11 @@ def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
             continue
         covered.update(live)
         handler = handler_for(module)
+        if handler is not None and handler.transposed and not transposed:
+            unhandled.append(Unhandled(prefix, module, [slot[n] for n in live],
+                                       "its weight is stored transposed (I, O); this caller "
+                                       "does not read Tap.transposed"))
+            continue
         wname, bname = (handler.weight, handler.bias) if handler else ("weight", "bias")
         weight = f"{prefix}.{wname}" if prefix else wname
         bias = f"{prefix}.{bname}" if prefix else bname
@@ -108,16 +124,16 @@ def plan_layers(batch: Batch) -> tuple[list[Tap], list[Unhandled]]:
     return taps, unhandled
 
 
-def _plan(batch: Batch) -> list[Tap] | None:
+def _plan(batch: Batch, transposed: bool) -> list[Tap] | None:
     """One tap per handled layer owning live parameters, or None if a live one is unhandled."""
-    taps, unhandled = plan_layers(batch)
+    taps, unhandled = plan_layers(batch, transposed)
     if unhandled or not all(t.has_weight for t in taps):
         return None
     return taps
 
 
 def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
-               partial: bool = False
+               partial: bool = False, transposed: bool = False
                ) -> list[Tap] | None | tuple[list[Tap], list[Unhandled]]:
     """Backpropagate the columns of ``S`` `(B, C, K)` and record ``(a, g)`` per handled layer.
 
@@ -127,6 +143,7 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
         verified: Optional cache of structures (module, selection, input shape) whose taps
             already passed the check; skips the check's extra backward for them.
         partial: Return the taps that pass and the unhandled rest instead of all-or-nothing.
+        transposed: The caller reads :attr:`Tap.transposed`: tap ``nn.Embedding`` too.
 
     Returns:
         The taps, or ``None`` when the model is not a composition of handled layers in which
@@ -136,20 +153,21 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
         ``unhandled``, with the reason.
     """
     if partial:
-        taps, unhandled = plan_layers(batch)
+        taps, unhandled = plan_layers(batch, transposed)
         if not taps:
             return taps, unhandled
         passed = _tap(batch, S, taps, verified, strict=False)[0]
         return [t for t in taps if id(t) not in passed], unhandled + [
             Unhandled(t.name, t.module, t.param_slots, passed[id(t)])
             for t in taps if id(t) in passed]
-    taps = _plan(batch)
+    taps = _plan(batch, transposed)
     if taps is None:
         return None
     return taps if not _tap(batch, S, taps, verified, strict=True)[0] else None
 
 
-def tap_layer_blocks(batch: Batch, S: Tensor, verified: set | None, block: int
+def tap_layer_blocks(batch: Batch, S: Tensor, verified: set | None, block: int,
+                     transposed: bool = False
                      ) -> tuple[list[Tap], list[Unhandled], Iterator[None]]:
     """:func:`tap_layers` with ``partial=True``, the columns of ``S`` backpropagated in blocks.
 
@@ -159,7 +177,7 @@ def tap_layer_blocks(batch: Batch, S: Tensor, verified: set | None, block: int
     instead of through ``is_grads_batched``, whose vmap falls back to a loop and a stacking
     copy for operations without a batching rule (convolution and pooling backward).
     """
-    taps, unhandled = plan_layers(batch)
+    taps, unhandled = plan_layers(batch, transposed)
     if not taps:
         return taps, unhandled, iter(())
     passed, more = _tap(batch, S, taps, verified, strict=False, block=block)
@@ -233,8 +251,10 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
     outs = [t.out for t in taps_ok]
     K = S.shape[-1]
     cols = S.permute(2, 0, 1)  # (K, B, C)
+    # the tapped layers are part of the structure: callers that tap Embedding layers
+    # (``transposed=True``) and callers that do not share a cache without skipping a check
     key = (id(batch.fm.module), tuple(batch.sel.names), tuple(batch.x.shape[1:]),
-           batch.x.dtype)
+           batch.x.dtype, tuple(t.name for t in taps))
     check = verified is None or key not in verified
     with torch.enable_grad():
         if check:
@@ -286,7 +306,7 @@ def _more_blocks(f: Tensor, outs: list[Tensor], cols: Tensor, block: int,
 
 def _verify(t: Tap, g_probe: Tensor, param_grads: tuple) -> bool:
     """Does the gradient assembled from ``(a, g)`` equal autograd's, for the probe?"""
-    summed = summed_grads(t.a, g_probe, t.has_bias)
+    summed = summed_grads(t.a, g_probe, t.has_bias, t.transposed)
     if not t.has_weight:
         summed = summed[1:]
     for s, slot in zip(summed, t.param_slots):

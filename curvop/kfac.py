@@ -65,7 +65,16 @@ inputs and ``O`` outputs on a batch of ``M``, about ``M K O²`` and ``M I²`` mu
 once per structure (cached in the interface), and the memory per sample that sizes the
 chunks is remembered per structure too.
 
-**Other layers.** Parameters that no Linear/Conv tap covers (LayerNorm, BatchNorm, Embedding,
+**Embedding.** ``nn.Embedding`` is a Linear layer without bias on one-hot inputs
+(:mod:`curvop.layers`), factored the same way, with ``a`` the one-hot rows of the indices
+(``padding_idx``: zero rows) and ``g`` the gradients in the embeddings. Its weight is stored
+`(V, D)` = `(I, O)`, so its row-major block is ``[B, A]``: the input side first, `(V, V)`
+(``expand``: the diagonal matrix of token counts divided by ``N T``, formed from the counts
+without a Gram matrix; ``reduce``: :math:`\frac1N \sum_n \bar a_n \bar a_n^\top` of the
+per-sequence token frequencies), then the output side `(D, D)`. ``Kron.accumulate`` sums
+factor-wise as for the other layers.
+
+**Other layers.** Parameters that no Linear/Conv/Embedding tap covers (LayerNorm, BatchNorm,
 a module's own parameters, a layer called twice or whose weight is also used elsewhere) have no
 Kronecker form: by default :class:`~curvop.errors.NotSupportedError` names every such module;
 ``fallback='diag'`` gives each of their tensors the exact diagonal of its curvature block as a
@@ -240,7 +249,11 @@ def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
                 aa = [mean[:, i].mT.unsqueeze(0) for i in range(G)]
         s.A = ([_gram_sum(X) for X in gg] if s.A is None
                else [_gram_sum(X, F) for X, F in zip(gg, s.A)])
-        if inputs:
+        if inputs and t.handler.onehot and (T == 1 or approx == "expand"):
+            # one-hot rows: Σ a aᵀ is the diagonal of the token counts
+            counts = [torch.diag(a[:, i].sum((0, 1))) for i in range(G)]
+            s.B = counts if s.B is None else [F.add_(C) for F, C in zip(s.B, counts)]
+        elif inputs:
             s.B = ([_gram_sum(X) for X in aa] if s.B is None
                    else [_gram_sum(X, F) for X, F in zip(aa, s.B)])
     if t.has_bias:
@@ -259,7 +272,7 @@ def _column_block(module: nn.Module, K: int) -> int:
 
 def _tap_chunk(batch: Batch, S: Tensor, rows: slice, verified: set | None, block: int):
     """The taps of samples ``rows``, their output gradients in blocks of ``block`` columns."""
-    return tap_layer_blocks(_sub_batch(batch, rows), S[rows], verified, block)
+    return tap_layer_blocks(_sub_batch(batch, rows), S[rows], verified, block, transposed=True)
 
 
 def _add_chunk(taps: list[Tap], more, approx: str, sums: dict[str, _Sums]) -> None:
@@ -279,8 +292,10 @@ def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[
     slots = iter(t.param_slots)
     if t.has_weight:
         Ts = s.T if isinstance(s.T, tuple) else (s.T,) * len(s.A)
-        out[next(slots)] = [[A, B.div_(N * T if approx == "expand" else N)]
-                            for A, B, T in zip(s.A, s.B, Ts)]
+        blocks = [[A, B.div_(N * T if approx == "expand" else N)]
+                  for A, B, T in zip(s.A, s.B, Ts)]
+        # a weight stored (I, O) (Embedding): the input side is the first factor
+        out[next(slots)] = [blk[::-1] for blk in blocks] if t.transposed else blocks
     if t.has_bias:
         out[next(slots)] = [[s.A[0].clone() if s.C is None else s.C]]
     return out
@@ -395,7 +410,8 @@ def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
     B = batch.size
     if key not in sizes:
         one = slice(0, 1)
-        taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True)
+        taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True,
+                             transposed=True)
         block = _column_block(batch.fm.module, S.shape[-1])
         sizes[key] = (4 * batch.itemsize * sum(t.a.numel() + t.g.numel() * block // S.shape[-1]
                                                for t in taps), block)

@@ -1,6 +1,7 @@
-r"""Layers with a closed form: Linear, Conv1d/2d/3d, attention, as ``(inputs, output gradients)``.
+r"""Layers with a closed form (Linear, Conv, attention, Embedding) as ``(inputs, output grads)``.
 
-Linear and convolution layers, and the packed input projection of ``nn.MultiheadAttention``.
+Linear and convolution layers, the packed input projection of ``nn.MultiheadAttention``, and
+``nn.Embedding``.
 
 For such a layer the gradient of sample ``n`` in the weight is a sum over weight-sharing positions
 ``t`` (tokens, pixels) of outer products,
@@ -24,6 +25,16 @@ shorter ones are zero-padded to ``T = max`` (zeros add nothing to any sum) and `
 ``F.multi_head_attention_forward`` applies with ``F.linear`` on ``out_proj.weight`` — no forward
 hook sees it —, so both are tapped by :func:`attention_forward`, which the layer taps substitute
 for ``F.multi_head_attention_forward`` (see :mod:`curvop._taps`).
+
+**Embedding.** ``nn.Embedding`` is a Linear layer without bias on one-hot inputs: the output at
+token ``t`` is ``W[i_t] = Wᵀ e_{i_t}``, so ``a`` `(n, 1, T, V)` holds the one-hot rows of the
+indices (``V = num_embeddings``) and ``g`` `(n, 1, T, D)` the gradients in the embeddings. Its
+weight is stored *transposed* relative to ``nn.Linear``: `(V, D)`, i.e. `(I, O)`, with gradient
+:math:`\sum_t a_{n,t} g_{n,t}^\top`; the handler says so (``transposed=True``) and the gradient
+helpers below return that layout when asked. ``padding_idx`` gets a zero one-hot column (torch
+never updates that row, so its gradient, and every curvature entry of it, is zero).
+``max_norm`` (renormalises the weight in place during the forward), ``scale_grad_by_freq``
+(rescales the gradient by batch counts) and ``sparse`` have no handler.
 """
 
 from __future__ import annotations
@@ -54,6 +65,10 @@ class LayerHandler:
         weight, bias: Names of the layer's weight and bias parameters.
         kind: ``'hook'`` (tapped by a forward hook on the module) or ``'attention'`` (tapped
             through :func:`attention_forward`).
+        transposed: The weight is stored `(I, O)` (``nn.Embedding``): its gradient is the
+            transpose of the generic `(O, I)` one (only with ``G == 1``).
+        onehot: ``a`` holds one-hot rows (or zero rows), so ``Σ a aᵀ`` over positions is the
+            diagonal matrix of the column sums.
     """
 
     inputs: Callable[[nn.Module, Tensor], Tensor]
@@ -63,6 +78,8 @@ class LayerHandler:
     weight: str = "weight"
     bias: str = "bias"
     kind: str = "hook"
+    transposed: bool = False
+    onehot: bool = False
 
 
 def _linear_inputs(module: nn.Linear, a: Tensor) -> Tensor:
@@ -132,6 +149,29 @@ def _mha_why_not(module: nn.MultiheadAttention) -> str:
             "in_proj_weight has a Kronecker form here")
 
 
+def _embedding_inputs(module: nn.Embedding, idx: Tensor) -> Tensor:
+    """Indices `(n, ...)` → one-hot rows `(n, 1, T, V)`, zero rows at ``padding_idx``."""
+    onehot = F.one_hot(idx.reshape(idx.shape[0], -1), module.num_embeddings)
+    onehot = onehot.to(module.weight.dtype)
+    if module.padding_idx is not None:
+        onehot[..., module.padding_idx] = 0
+    return onehot.unsqueeze(1)
+
+
+def _embedding_supported(module: nn.Embedding) -> bool:
+    return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+
+def _embedding_why_not(module: nn.Embedding) -> str:
+    if module.max_norm is not None:
+        return (f"max_norm={module.max_norm} renormalises the embedding rows in place during the "
+                "forward, so the weight seen by the loss is not the parameter")
+    if module.scale_grad_by_freq:
+        return ("scale_grad_by_freq=True rescales the gradient by token counts in the batch, "
+                "which is not the gradient of the loss")
+    return "sparse=True (sparse gradients) has no closed (a, g) form here"
+
+
 _CONV = {"supported": _conv_supported, "why_not": _conv_why_not}
 
 HANDLERS: dict[type, LayerHandler] = {
@@ -143,6 +183,8 @@ HANDLERS: dict[type, LayerHandler] = {
     nn.MultiheadAttention: LayerHandler(_identity, _identity, _mha_supported, _mha_why_not,
                                         weight="in_proj_weight", bias="in_proj_bias",
                                         kind="attention"),
+    nn.Embedding: LayerHandler(_embedding_inputs, _linear_outputs, _embedding_supported,
+                               _embedding_why_not, transposed=True, onehot=True),
 }
 
 
@@ -220,36 +262,46 @@ def attention_forward(args: tuple, kwargs: dict,
     return out.transpose(0, 1), weights
 
 
-def per_sample_grads(a: Tensor, g: Tensor, has_bias: bool) -> list[Tensor]:
+def per_sample_grads(a: Tensor, g: Tensor, has_bias: bool,
+                     transposed: bool = False) -> list[Tensor]:
     """Per-sample weight (and bias) gradients from ``a`` `(n, G, T, I)`, ``g`` `(..., n, G, T, O)`.
 
-    Returns tensors `(..., n, G·O, I)` and `(..., n, G·O)` (flattened like the parameters).
+    Returns tensors `(..., n, G·O, I)` and `(..., n, G·O)` (flattened like the parameters);
+    with ``transposed`` (``G == 1``) the weight's `(..., n, I, O)`.
     """
     w = torch.einsum("...ngto,ngti->...ngoi", g, a)
     w = w.reshape(*w.shape[:-4], w.shape[-4], -1, w.shape[-1])
-    out = [w]
+    out = [w.mT if transposed else w]
     if has_bias:
         b = g.sum(-2)
         out.append(b.reshape(*b.shape[:-2], -1))
     return out
 
 
-def summed_grads(a: Tensor, g: Tensor, has_bias: bool) -> list[Tensor]:
-    """Gradients summed over samples, `(G·O, I)` and `(G·O,)`, from ``a`` and ``g``."""
+def summed_grads(a: Tensor, g: Tensor, has_bias: bool, transposed: bool = False) -> list[Tensor]:
+    """Gradients summed over samples, `(G·O, I)` and `(G·O,)`, from ``a`` and ``g``.
+
+    With ``transposed`` (``G == 1``) the weight's is `(I, O)`.
+    """
     w = torch.einsum("ngto,ngti->goi", g, a)
-    out = [w.reshape(-1, w.shape[-1])]
+    w = w.reshape(-1, w.shape[-1])
+    out = [w.mT if transposed else w]
     if has_bias:
         out.append(g.sum((0, 2)).reshape(-1))
     return out
 
 
-def diag_sq_sum(a: Tensor, g: Tensor, has_bias: bool) -> list[Tensor]:
+def diag_sq_sum(a: Tensor, g: Tensor, has_bias: bool, transposed: bool = False) -> list[Tensor]:
     r""":math:`\sum_{k,n} (\nabla \ell_{n,k})^2` per weight/bias entry, `(G·O, I)` and `(G·O,)`.
 
     ``g`` is `(K, n, G, T, O)` for ``K`` backpropagated columns. Without weight sharing
     (``T == 1``) the square of an outer product is the outer product of squares, so the sum
-    costs one matrix product instead of ``K·n`` outer products.
+    costs one matrix product instead of ``K·n`` outer products. With ``transposed``
+    (``G == 1``) the weight's is `(I, O)`.
     """
+    if transposed:
+        out = diag_sq_sum(a, g, has_bias)
+        return [out[0].mT, *out[1:]]
     if a.shape[2] == 1:
         g2 = g.square().sum(0)[:, :, 0]  # (n, G, O)
         w = torch.einsum("ngo,ngi->goi", g2, a[:, :, 0].square())

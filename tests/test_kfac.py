@@ -402,8 +402,8 @@ def test_weight_blocks_match_curvlinops(name, approx):
 # --- layers without a Kronecker form ----------------------------------------------------------
 
 
-def _embedding_model():
-    return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+def _embedding_model(**kw):
+    return nn.Sequential(nn.Embedding(10, 4, **kw), nn.Flatten(), nn.Linear(12, 3))
 
 
 def _circular_model():
@@ -420,7 +420,10 @@ UNHANDLED = {
                   ["'1' (BatchNorm1d; weight, bias)"]),
     "two_path": (lambda: Case("two_path", "classification").build()[0], (16,),
                  ["the model itself (TwoPath; scale)"]),
-    "embedding": (lambda: register(_embedding_model().to(DT)), None, ["'0' (Embedding; weight)"]),
+    "embedding_max_norm": (lambda: register(_embedding_model(max_norm=100.0).to(DT)), None,
+                           ["'0' (Embedding; weight)", "max_norm=100.0"]),
+    "embedding_freq": (lambda: register(_embedding_model(scale_grad_by_freq=True).to(DT)), None,
+                       ["'0' (Embedding; weight)", "scale_grad_by_freq"]),
     "reused": (lambda: register(Reused().to(DT)), (6,),
                ["'lin' (Linear; weight, bias)", "outside its own forward"]),
     "twice": (lambda: register(Twice().to(DT)), (6,), ["'lin' (Linear; weight, bias)",
@@ -452,7 +455,7 @@ def test_layers_without_kronecker_form_raise_naming_the_module(key):
         assert "fallback='diag'" in msg and "fallback='full'" in msg and ".diag" in msg
 
 
-@pytest.mark.parametrize("key", ["layernorm", "two_path", "embedding", "reused", "twice"])
+@pytest.mark.parametrize("key", ["layernorm", "two_path", "reused", "twice"])
 def test_fallbacks_are_the_exact_diagonal_and_dense_blocks(key):
     model, x, y, _ = _unhandled_case(key)
     G = ref.ggn(model, x, y, "classification")
@@ -558,3 +561,141 @@ def test_conv_factor_conventions_of_the_three_backends():
         for block, ref_block in zip(other[2:], exp[2:]):
             for F, R in zip(block, ref_block):
                 torch.testing.assert_close(F, R, **close)
+
+
+# --- nn.Embedding ---------------------------------------------------------------------------
+
+
+class EmbSeq(nn.Module):
+    """Embedding over 5 tokens (weight sharing) → tanh → flattened head."""
+
+    def __init__(self, padding_idx=None, V=9, D=4, T=5, C=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.head = nn.Linear(T * D, C)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).flatten(1))
+
+
+def embedding_pairs(model, x, S):
+    """Brute-force ``a`` (one-hot, zero rows at padding) `(n, T, V)` and ``g`` `(K, n, T, D)`.
+
+    The padding convention is checked against autograd: per sample and column,
+    ``Σ_t a_t g_tᵀ`` must be the per-sample gradient of the `(V, D)` weight.
+    """
+    emb = model.emb
+    out = {}
+    h = emb.register_forward_hook(lambda m, i, o: out.update(o=o))
+    try:
+        f = model(x)
+    finally:
+        h.remove()
+    K = S.shape[-1]
+    g = torch.stack([torch.autograd.grad(f, out["o"], S[:, :, k], retain_graph=True)[0]
+                     for k in range(K)])
+    a = nn.functional.one_hot(x, emb.num_embeddings).to(DT)
+    if emb.padding_idx is not None:
+        a[..., emb.padding_idx] = 0
+    for n in range(x.shape[0]):
+        fn = model(x[n:n + 1])
+        for k in range(K):
+            gw = torch.autograd.grad(fn, emb.weight, S[n:n + 1, :, k], retain_graph=True)[0]
+            torch.testing.assert_close(torch.einsum("tv,td->vd", a[n], g[k, n]), gw, **TOL)
+    return a, g
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_embedding_factors_equal_brute_force(approx, padding_idx):
+    """The (V, D) weight is [input side (V, V), output side (D, D)]; the head as before."""
+    torch.manual_seed(0)
+    model = register(EmbSeq(padding_idx).to(DT))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 9, (6, 5), generator=g)
+    x[0, :2] = 2  # the padding token, when there is one
+    y = torch.randint(0, 3, (6,), generator=g)
+    N = 10
+    _, K = curvop.TorchGGN(model, "classification").kron(x, y, N=N, approx=approx)
+    S = sqrt_lambda(model(x), "classification")
+    a, gr = embedding_pairs(model, x, S)
+    T = x.shape[1]
+    if approx == "expand":
+        A = torch.einsum("kntd,knte->de", gr, gr)
+        B = torch.einsum("ntv,ntw->vw", a, a) / (N * T)
+    else:
+        gs, am = gr.sum(2), a.mean(1)
+        A = torch.einsum("knd,kne->de", gs, gs)
+        B = torch.einsum("nv,nw->vw", am, am) / N
+    assert K.layout == (2, 2, 1)
+    assert_kfacs(K.kfacs, [[B, A], *brute_kfacs(model, x, S, N, approx)])
+    if padding_idx is not None:
+        assert K.kfacs[0][0][padding_idx].abs().max() == 0  # the padding row is never updated
+
+
+@pytest.mark.parametrize("token", [3, 2])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_one_datum_one_token_is_the_dense_block(padding_idx, token):
+    """One datum of one token (no weight sharing), N = 1: KFAC is exact, also for the
+    row-major (V, D) layout of the weight; the padding token's block is zero."""
+    torch.manual_seed(0)
+    model = register(EmbSeq(padding_idx, T=1).to(DT))
+    x, y = torch.tensor([[token]]), torch.tensor([1])
+    sizes = param_sizes(model)
+    G = ref.ggn(model, x, y, "classification")
+    for cls, curv in ((curvop.TorchGGN, G), (curvop.TorchEF, ref.ef(model, x, y,
+                                                                   "classification"))):
+        for approx in ("expand", "reduce"):
+            _, K = cls(model, "classification").kron(x, y, N=1, approx=approx)
+            assert K.block_sizes == tuple(sizes)
+            torch.testing.assert_close(K.to_dense(), diag_blocks(curv, sizes), **TOL)
+    assert bool(G[:36, :36].abs().max() == 0) is (token == padding_idx)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, V=11, D=8, C=3, padding_idx=None):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.enc = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def test_tiny_transformer_factors_the_embedding_as_a_kron_block():
+    """kron(fallback='diag'): the embedding is [(V, V), (D, D)], only LayerNorms fall back;
+    one datum of identical tokens with 'reduce' makes the embedding block exact."""
+    torch.manual_seed(0)
+    model = register(TinyTransformer(padding_idx=0).to(DT).eval())
+    x, y = torch.tensor([[4, 4, 4]]), torch.tensor([2])
+    iface = curvop.TorchGGN(model, "classification")
+    with pytest.raises(NotSupportedError) as err:
+        iface.kron(x, y, N=1)
+    assert "LayerNorm" in str(err.value) and "Embedding" not in str(err.value)
+    _, K = iface.kron(x, y, N=1, approx="reduce", fallback="diag")
+    assert [F.shape for F in K.kfacs[0]] == [(11, 11), (8, 8)]
+    G = iface.full(x, y)[1]
+    torch.testing.assert_close(K.kfacs[0][0].kron(K.kfacs[0][1]), G[:88, :88], **TOL)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = param_sizes(model)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    block_at = {s: j for j, s in enumerate([0, *torch.tensor(K.block_sizes).cumsum(0).tolist()])}
+    norms = [(s, e) for n, s, e in zip(names, starts[:-1], starts[1:]) if "norm" in n]
+    assert len(norms) == 4
+    for s, e in norms:  # the diagonal fallback
+        torch.testing.assert_close(K.kfacs[block_at[s]][0], torch.diag(G[s:e, s:e].diagonal()),
+                                   **TOL)
+    # a batch of several sequences: the embedding is still a Kron block, and the factors are
+    # the brute-force ones
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 11, (4, 5), generator=g)
+    y = torch.randint(0, 3, (4,), generator=g)
+    _, K = iface.kron(x, y, N=4, fallback="diag")
+    S = sqrt_lambda(model(x), "classification")
+    a, gr = embedding_pairs(model, x, S)
+    torch.testing.assert_close(K.kfacs[0][0], torch.einsum("ntv,ntw->vw", a, a) / 20, **TOL)
+    torch.testing.assert_close(K.kfacs[0][1], torch.einsum("kntd,knte->de", gr, gr), **TOL)
+    # the diagonal is still exact on this model
+    torch.testing.assert_close(iface.diag(x, y)[1], ref.ggn(model, x, y, "classification")
+                               .diagonal(), rtol=1e-10, atol=1e-12)

@@ -9,6 +9,7 @@ from torch import nn
 import curvop
 from curvop._functional import Batch, FunctionalModel
 from curvop._taps import tap_layers
+from curvop.layers import diag_sq_sum, handler_for, per_sample_grads, why_no_handler
 from curvop.likelihoods import Likelihood
 from curvop.params import ParameterSelection
 
@@ -114,3 +115,66 @@ def test_inplace_relu_does_not_corrupt_taps():
     _, h = curvop.TorchGGN(model, "classification").diag(x, y)
     torch.testing.assert_close(h, ref.ggn(model, x, y, "classification").diagonal(),
                                rtol=1e-10, atol=1e-12)
+
+
+# --- nn.Embedding ---------------------------------------------------------------------------
+
+
+class EmbNet(nn.Module):
+    """Embedding over 4 tokens → tanh → mean-pooled → head."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.emb = nn.Embedding(9, 5, **kw)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def _batch(model, x, y, likelihood="classification"):
+    lik = Likelihood(likelihood)
+    sel = ParameterSelection(model)
+    fm = FunctionalModel(model, sel)
+    with torch.no_grad():
+        f = fm(tuple(sel.detached()), x)
+    return Batch(fm, x, y, f, lik, 1 << 26), lik.sqrt_output_hessian(f)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_taps_give_the_exact_diagonal_in_the_weight_layout(padding_idx):
+    """The taps pass their check against autograd; ``diag_sq_sum(transposed=True)`` is the
+    exact GGN diagonal of the `(V, D)` weight (zero on the padding row); the interface's diag
+    (which does not read the layout, so it takes the per-sample path for the embedding) too."""
+    torch.manual_seed(0)
+    model = register(EmbNet(padding_idx=padding_idx).double())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 9, (6, 4), generator=g), torch.randint(0, 3, (6,), generator=g)
+    x[:2, :2] = 0
+    H = ref.ggn(model, x, y, "classification").diagonal()
+    batch, S = _batch(model, x, y)
+    assert tap_layers(batch, S) is None  # callers that do not read Tap.transposed
+    taps, unhandled = tap_layers(batch, S, partial=True)
+    assert [t.name for t in taps] == ["head"] and "transposed" in unhandled[0].reason
+    taps = tap_layers(batch, S, transposed=True)
+    assert taps is not None and taps[0].transposed and taps[0].a.shape == (6, 1, 4, 9)
+    w = diag_sq_sum(taps[0].a, taps[0].g, False, transposed=True)[0]
+    assert w.shape == (9, 5)
+    torch.testing.assert_close(w.reshape(-1), H[:45], rtol=1e-10, atol=1e-12)
+    if padding_idx is not None:
+        assert w[padding_idx].abs().max() == 0
+    ps = per_sample_grads(taps[0].a, taps[0].g[0], False, transposed=True)[0]
+    for n in range(6):
+        ref_g = torch.autograd.grad(model(x[n:n + 1]), model.emb.weight, S[n:n + 1, :, 0])[0]
+        torch.testing.assert_close(ps[n], ref_g, rtol=1e-10, atol=1e-12)
+    _, h = curvop.TorchGGN(model, "classification").diag(x, y)
+    torch.testing.assert_close(h, H, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw, reason", [({"max_norm": 1.0}, "max_norm"),
+                                        ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+                                        ({"sparse": True}, "sparse")])
+def test_embedding_options_without_a_closed_form(kw, reason):
+    emb = nn.Embedding(9, 5, **kw)
+    assert handler_for(emb) is None and reason in why_no_handler(emb)
+    assert handler_for(nn.Embedding(9, 5, padding_idx=3)) is not None
