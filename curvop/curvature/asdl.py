@@ -38,6 +38,15 @@ directly in ``forward``, other layer types, tied weights, a layer called twice, 
 over extra (sequence) dimensions — raises :class:`~curvop.errors.NotSupportedError` naming the
 module, before ASDL computes anything, instead of silently missing or mixing parameters.
 
+**In-place operations.** ASDL keeps (detached views of) a layer's input and, for BatchNorm and
+LayerNorm, its output (it recovers the normalised input from it) and reads them back in
+backward. An in-place change later in forward — torchvision's ``BasicBlock`` does
+``out = bn2(...); out += identity`` — would silently corrupt ASDL's BatchNorm results (5-20% off
+on small ResNets). So the output of a selected norm layer is handed on to the network as a copy
+while ASDL keeps the original; an in-place change of a saved Linear / Conv2d input (which
+autograd would reject as well) raises :class:`~curvop.errors.NotSupportedError` naming the
+layer at the end of the forward pass, before ASDL's backward work.
+
 ASDL stores results as attributes of modules and parameters and registers hooks: every call runs
 in a guard that removes all of them (and restores ``requires_grad``, ``.grad`` and torch's
 backward-hook mode flag) when it ends, failed or not.
@@ -213,7 +222,8 @@ def _slots(module: nn.Module, batch: Batch, need: str) -> list[_Slot]:
 
 
 @contextlib.contextmanager
-def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None) -> Iterator[None]:
+def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None,
+               reads_back: bool = True) -> Iterator[None]:
     """Run ASDL on ``module`` with only the live parameters trainable; leave it as found.
 
     Removes every hook and attribute ASDL adds (also on failure), restores ``requires_grad``,
@@ -221,9 +231,10 @@ def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None) ->
     ``register_backward_hook`` sets and which would later forbid full backward hooks).
 
     With ``batch_size``, probe hooks check that every live layer is called once, on inputs with
-    the batch as first and only extra dimension; otherwise ASDL's per-sample results would be
-    wrong, so the probe raises :class:`NotSupportedError` in the forward pass, before ASDL's
-    backward work.
+    the batch as first and only extra dimension, and keep what ASDL reads back in backward
+    safe from in-place changes (see :func:`_probe`; ``reads_back=False`` for ``kron``, whose
+    input factor is formed in forward); otherwise ASDL's per-sample results would be wrong, so
+    the probe raises :class:`NotSupportedError` in the forward pass, before ASDL's backward work.
     """
     snap = ModelSnapshot(module)
     flags = [(m, vars(m).get("_is_full_backward_hook")) for m in snap.modules]
@@ -236,7 +247,7 @@ def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None) ->
             if id(p) not in live:
                 p.requires_grad_(False)
         if batch_size is not None:
-            handles = _probe(slots, batch_size)
+            handles = _probe(module, slots, batch_size, reads_back)
         with warnings.catch_warnings(), torch.enable_grad():
             # ASDL registers old-style module backward hooks; torch deprecates them
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
@@ -254,15 +265,40 @@ def _asdl_call(module: nn.Module, slots: list[_Slot], batch_size: int | None) ->
                     setattr(p, k, v)
 
 
-def _probe(slots: list[_Slot], batch_size: int) -> list:
+#: layers whose normalised input ASDL recovers in backward from their saved *output*
+_FROM_OUTPUT = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def _probe(module: nn.Module, slots: list[_Slot], batch_size: int, reads_back: bool) -> list:
+    """Hooks that check what ASDL's per-sample operations assume; returns their handles.
+
+    - every live layer is called once, on inputs with the batch as first and only extra
+      dimension;
+    - what ASDL saves in forward and reads back in backward is not changed in place later in the
+      forward pass. ASDL keeps (detached views of) a layer's input and, for BatchNorm and
+      LayerNorm, its output, from which it recovers the normalised input. A residual
+      ``out += identity`` after a BatchNorm (torchvision's ``BasicBlock``) would silently corrupt
+      the saved output. So the output of a live norm layer is handed on as a copy, by a hook run
+      after ASDL's (added from a pre-hook, when ASDL's hooks are in place): ASDL keeps the
+      original, the network goes on with the copy. With ``reads_back`` (every operation but
+      ``kron``, whose input factor is formed in forward), an in-place change of a saved Linear
+      or Conv2d input is detected when ``module``'s forward ends and raises
+      :class:`NotSupportedError` naming the layer, before ASDL's backward work.
+    """
     calls: dict[int, int] = {}
-    handles = []
+    saved: list[tuple[_Slot, Tensor, int]] = []
+    handles: list = []
+
+    def hand_on_a_copy(m, inputs, output):
+        return output.clone()
+
     for s in {id(s.module): s for s in slots}.values():
         layer = _layer(s.module)
         ndim = (len(s.module.normalized_shape) + 1 if isinstance(s.module, nn.LayerNorm)
                 else layer.in_ndim)
+        from_output = isinstance(s.module, _FROM_OUTPUT)
 
-        def hook(m, inputs, output, s=s, ndim=ndim):
+        def hook(m, inputs, output, s=s, ndim=ndim, from_output=from_output):
             calls[id(m)] = calls.get(id(m), 0) + 1
             if calls[id(m)] > 1:
                 raise NotSupportedError(
@@ -274,8 +310,28 @@ def _probe(slots: list[_Slot], batch_size: int) -> list:
                     f"{_where(s.name)} ({type(m).__name__}) receives inputs of shape "
                     f"{tuple(x.shape)}; ASDL's per-sample results need ({batch_size}, ...) with "
                     f"{ndim} dimensions (no extra shared dimensions). Use {_ALTERNATIVE}")
+            kept = output if from_output else x
+            saved.append((s, kept, kept._version))
 
         handles.append(s.module.register_forward_hook(hook))
+        if from_output:
+            def pre_hook(m, inputs):
+                # registered now, this hook runs after ASDL's forward hook
+                handles.append(m.register_forward_hook(hand_on_a_copy))
+
+            handles.append(s.module.register_forward_pre_hook(pre_hook))
+
+    def check(m, inputs, output):
+        for s, kept, version in saved:
+            if reads_back and kept._version != version:
+                raise NotSupportedError(
+                    f"the input of {_where(s.name)} ({type(s.module).__name__}) is modified in "
+                    "place later in the forward pass; ASDL reads it back in backward, so its "
+                    "per-sample results would be wrong. Make that operation out of place or "
+                    f"use {_ALTERNATIVE}")
+        saved.clear()
+
+    handles.append(module.register_forward_hook(check))
     return handles
 
 
@@ -409,7 +465,7 @@ class AsdlInterface(CurvatureInterface):
         generator = getattr(self, "generator", None) if getattr(self, "stochastic", False) \
             else None
         ctx = contextlib.ExitStack()
-        ctx.enter_context(_asdl_call(module, slots, batch.size))
+        ctx.enter_context(_asdl_call(module, slots, batch.size, reads_back=need != "kron"))
         ctx.enter_context(_global_rng_from(generator, batch.f.device))
         return root, slots, maker, ctx
 
