@@ -357,8 +357,13 @@ def _active(ext, dtype: torch.dtype, retain_graph: bool = False) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """BackPACK's own errors (and hook conflicts) as NotSupportedError naming ``what``."""
+def _translated(what: str, model: nn.Module | None = None) -> Iterator[None]:
+    """BackPACK's own errors (and hook conflicts) as NotSupportedError naming ``what``.
+
+    A hook conflict (torch's "Output 0 of BackwardHookFunction is a view and is being modified
+    inplace") is an in-place operation on the output of a module BackPACK hooks; the message
+    names ``model``'s modules that work in place (``inplace=True``), the usual culprits.
+    """
     try:
         yield
     except NotSupportedError:
@@ -369,8 +374,15 @@ def _translated(what: str) -> Iterator[None]:
     except RuntimeError as err:
         if "BackwardHookFunction" not in str(err):
             raise
-        raise NotSupportedError(f"{what}: an in-place operation conflicts with BackPACK's "
-                                f"hooks ({err}); use {_ALTERNATIVE}") from err
+        names = [] if model is None else [
+            name or type(m).__name__ for name, m in model.named_modules()
+            if getattr(m, "inplace", False) is True]
+        culprit = (f"modules working in place: {names} (set inplace=False)" if names else
+                   "an in-place tensor operation in forward, such as `out += identity`")
+        raise NotSupportedError(
+            f"{what}: an in-place operation conflicts with BackPACK's hooks, which forbid "
+            f"modifying a hooked module's output in place. Likely culprit: {culprit}. Make it "
+            f"out of place or use {_ALTERNATIVE}. (torch: {str(err).split('. ')[0]})") from err
 
 
 @contextlib.contextmanager
@@ -477,7 +489,7 @@ class BackPackInterface(CurvatureInterface):
         what, session = self._first_order(batch, "jacobians", BatchGrad())
         B, C = batch.f.shape
         J = batch.f.new_empty(C, B, batch.sel.num_params)
-        with session, _translated(what):
+        with session, _translated(what, batch.fm.module):
             with torch.enable_grad():
                 out = batch.fm.module(batch.x.detach())
             session.check_single_calls(what)
@@ -490,7 +502,7 @@ class BackPackInterface(CurvatureInterface):
     def _gradients(self, batch: Batch) -> Tensor:
         ext = BatchGrad()
         what, session = self._first_order(batch, "gradients", ext)
-        with session, _translated(what):
+        with session, _translated(what, batch.fm.module):
             with torch.enable_grad():
                 loss = self._lossfunc()(batch.fm.module(batch.x.detach()), batch.y)
             session.check_single_calls(what)
@@ -515,7 +527,7 @@ class BackPackInterface(CurvatureInterface):
         live, names = batch.sel.params, batch.sel.names
         atol = 1e-5 * (1 + float(batch.f.abs().max()))
         with _Session([*chain.suffix, lossfunc]), _seeded(generator, batch.f.device), \
-                _translated(what):
+                _translated(what, batch.fm.module):
             for rows in batch.sample_chunks(bytes_per_sample):
                 ext = make_ext()
                 with torch.enable_grad():
@@ -682,7 +694,7 @@ class BackPackEF(BackPackInterface, EFInterface):
         what, session = self._first_order(batch, "diag", ext)
         live, names = batch.sel.params, batch.sel.names
         h = batch.f.new_zeros(batch.sel.num_live)
-        with session, _translated(what):
+        with session, _translated(what, batch.fm.module):
             for rows in batch.sample_chunks(2 * max(batch.sel.numels) * batch.itemsize):
                 ext = SumGradSquared()
                 with torch.enable_grad():

@@ -347,3 +347,32 @@ def test_what_backpack_cannot_do_is_a_clear_error():
     with pytest.raises(NotSupportedError, match="in-place operation conflicts"):
         BackPackGGN(inplace, "classification").jacobians(x)
     assert _backpack_global_state()[0] == len(CTX.hook_handles)
+
+
+class _AddInPlace(nn.Module):
+    """A Linear's output changed in place (``h += 1``), which BackPACK's hooks forbid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += 1.0
+        return self.b(torch.tanh(h))
+
+
+def test_in_place_operations_raise_naming_the_culprit():
+    """First-order extensions meet in-place operations only at run time: a clear error."""
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    relu = register(nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True),
+                                  nn.Linear(3, 2)).double())
+    add = register(_AddInPlace().double())
+    for model, culprit in ((relu, r"modules working in place: \['1'\] \(set inplace=False\)"),
+                           (add, r"an in-place tensor operation in forward")):
+        for cls, method, args in ((BackPackGGN, "jacobians", (x,)),
+                                  (BackPackEF, "gradients", (x, y)),
+                                  (BackPackEF, "diag", (x, y))):
+            with pytest.raises(NotSupportedError,
+                               match=rf"in-place operation conflicts.*{culprit}.*use TorchGGN"):
+                getattr(cls(model, "classification"), method)(*args)
