@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from curvop._functional import Batch
+from curvop._gram import gram_of_rows
 from curvop._taps import tap_layers
 from curvop.layers import diag_sq_sum
 
@@ -63,12 +64,7 @@ def sqrt_form_diag(batch: Batch, S: Tensor, verified: set | None = None) -> Tens
 
 def sqrt_form_full(batch: Batch, S: Tensor) -> Tensor:
     """The dense matrix `(P, P)` as the Gram matrix of the per-sample products, chunked."""
-    P = batch.sel.num_params
-    H = batch.f.new_zeros(P, P)
-    for M in sqrt_vjp_chunks(batch, S):
-        M = M.reshape(-1, P)
-        H.addmm_(M.T, M)
-    return H
+    return gram_of_rows(sqrt_vjp_chunks(batch, S), batch.f, batch.sel.num_params)
 
 
 def output_hessian_product(S: Tensor):

@@ -108,6 +108,8 @@ from torch import Tensor, nn
 
 from curvop._checks import check_fits, check_positive_int
 from curvop._functional import Batch, FunctionalModel, chunk_size
+from curvop._gram import GRAM_BLOCK
+from curvop._gram import gram as _gram
 from curvop._sqrt_form import sqrt_vjp_chunks
 from curvop._taps import Tap, Unhandled, tap_layer_blocks, tap_layers
 from curvop.errors import InputError, InputTypeError, NotSupportedError
@@ -156,42 +158,6 @@ class _Sums:
     T: int | tuple[int, ...] = 1  # positions; per group where groups were padded (attention)
 
 
-#: a Gram matrix on CPU is split into block rows of about this many rows (see :func:`_gram`)
-_GRAM_BLOCK = 128
-#: ... when it costs at least this many flops (smaller ones are one GEMM)
-_GRAM_SPLIT_FLOPS = 5e7
-
-
-def _gram(X: Tensor, out: Tensor | None = None) -> Tensor:
-    """``X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out`` if given.
-
-    On CPU a large product computes only the block rows of its upper triangle (one GEMM per
-    block row, about ``(nb + 1) / (2 nb)`` of the flops for ``nb`` blocks: the symmetric rank-k
-    update, which torch does not expose) and mirrors them; the diagonal blocks are symmetrised.
-    """
-    d, m = X.shape
-    nb = 1
-    if X.device.type == "cpu" and 2.0 * m * d * d >= _GRAM_SPLIT_FLOPS:
-        nb = max(1, round(d / _GRAM_BLOCK))
-    if nb == 1:
-        F = X @ X.mT
-        F = (F + F.mT).mul_(0.5)
-        return F if out is None else out.add_(F)
-    if out is None:
-        out = X.new_zeros(d, d)
-    bs = -(-d // nb)
-    for i0 in range(0, d, bs):
-        i1 = min(d, i0 + bs)
-        out[i0:i1, i0:].addmm_(X[i0:i1], X[i0:].mT)
-    for i0 in range(0, d, bs):
-        i1 = min(d, i0 + bs)
-        D = out[i0:i1, i0:i1]
-        D.copy_((D + D.mT).mul_(0.5))
-        if i1 < d:
-            out[i1:, i0:i1] = out[i0:i1, i1:].mT
-    return out
-
-
 #: largest `(b, d, d)` stack of per-sample Gram matrices formed at once by :func:`_gram_sum`
 _BMM_ENTRIES = 1 << 22
 
@@ -200,8 +166,9 @@ def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
     """``Σ_b X_b X_bᵀ`` for ``X`` `(b, d, m)` (any strides), added to ``out`` if given.
 
     One Gram matrix of the `(d, b·m)` matrix when that is a view of ``X`` (or when ``d`` is
-    large enough for :func:`_gram`'s block rows to pay for a copy); otherwise batched products
-    summed over ``b`` (no copy: convolutions' output gradients, positions contiguous).
+    large enough for the block rows of :func:`curvop._gram.gram` to pay for a copy); otherwise
+    batched products summed over ``b`` (no copy: convolutions' output gradients, positions
+    contiguous).
     """
     b, d, m = X.shape
     if b == 1:
@@ -211,7 +178,7 @@ def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
         return _gram(flat.view(d, b * m), out)
     except RuntimeError:  # not a view: copy, or sum batched products
         pass
-    if X.device.type == "cpu" and d >= 2 * _GRAM_BLOCK:
+    if X.device.type == "cpu" and d >= 2 * GRAM_BLOCK:
         return _gram(flat.reshape(d, b * m), out)
     step = max(1, _BMM_ENTRIES // (d * d))
     total = None

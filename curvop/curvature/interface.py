@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from curvop import _checks
 from curvop._functional import Batch, FunctionalModel
+from curvop._gram import gram_of_rows
 from curvop._kernels import differentiable_kernels, has_rnn
 from curvop._model_guard import model_guard
 from curvop.errors import InputTypeError, NotSupportedError
@@ -503,12 +504,7 @@ class GGNInterface(CurvatureInterface):
 
     def _full(self, batch: Batch) -> Tensor:
         S = self._sqrt_output_hessian(batch)
-        P = batch.sel.num_params
-        H = batch.f.new_zeros(P, P)
-        for M in self._sqrt_jacobian_chunks(batch, S):
-            M = M.reshape(-1, P)
-            H.addmm_(M.T, M)
-        return H
+        return gram_of_rows(self._sqrt_jacobian_chunks(batch, S), batch.f, batch.sel.num_params)
 
     def _diag(self, batch: Batch) -> Tensor:
         return self._diag_from_sqrt(batch, self._sqrt_output_hessian(batch))
@@ -534,11 +530,7 @@ class EFInterface(CurvatureInterface):
             yield self._gradients(sub)
 
     def _full(self, batch: Batch) -> Tensor:
-        P = batch.sel.num_params
-        H = batch.f.new_zeros(P, P)
-        for G in self._gradient_chunks(batch):
-            H.addmm_(G.T, G)
-        return H
+        return gram_of_rows(self._gradient_chunks(batch), batch.f, batch.sel.num_params)
 
     def _diag(self, batch: Batch) -> Tensor:
         h = batch.f.new_zeros(batch.sel.num_params)
