@@ -39,28 +39,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.measure import _MiB, _reset_peak, _status_kib  # one /proc reader for the suite
+
 RESULTS = Path(__file__).resolve().parent / "results"
-_MiB = 2**20
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def load_avg() -> float:
@@ -128,7 +109,7 @@ def main(argv=None) -> dict:
                     "dtype": "float32", "delta": delta},
     }
     rss0 = _status_kib("VmRSS") or 0
-    res["peak_reset"] = _reset_peak()
+    res["peak_reset"] = _reset_peak(torch.device("cpu"))
     iface = curvop.TorchGGN(model, "classification")
 
     # 1. KFAC over the batches
