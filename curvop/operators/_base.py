@@ -46,7 +46,41 @@ def entries_by_products(op: LinearOperator, row_index, col_index) -> Tensor:
     return columns[inverse, rows]
 
 
-class CurvatureLinearOperator(LinearOperator):
+class _CheckedMatmul:
+    """``matmul`` for curvop's operators: ``other`` is checked before any work.
+
+    Shared by :class:`CurvatureLinearOperator` and the data-set operator; the class needs
+    ``_P`` (the side) and ``_matmul``.
+    """
+
+    def matmul(self, other):
+        """``self @ other`` with ``other`` checked first (length, dtype, device).
+
+        Args:
+            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)` of the operator's dtype
+                and device, or a LinearOperator with ``P`` rows.
+
+        Returns:
+            The product, shaped like ``other``.
+
+        Raises:
+            InputError: If ``other`` does not have `P` rows or is on another device (or, for
+                a data-set operator, the loader changed since the first pass).
+            InputTypeError: If it has another dtype.
+        """
+        if isinstance(other, Tensor):
+            _checks.check_vector(other, self._P, self.dtype, self.device)
+            if not (other.requires_grad and torch.is_grad_enabled()):
+                # nothing to differentiate: skip linear_operator's autograd Function, which
+                # rebuilds the operator from its arguments on every call
+                return self._matmul(other)
+        return super().matmul(other)
+
+    def __matmul__(self, other):
+        return self.matmul(other)
+
+
+class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
     """Base of the model-backed operators: products, chunking, checks, batch hooks.
 
     Subclasses implement :meth:`_make_products` (an object with ``matmat(V (k, P)) -> (k, P)``)
@@ -116,31 +150,6 @@ class CurvatureLinearOperator(LinearOperator):
         if rhs.dim() == 1:
             return out[0]
         return out.reshape(*rhs.shape[:-2], rhs.shape[-1], P).movedim(-1, -2)
-
-    def matmul(self, other):
-        """``self @ other`` with ``other`` checked first (length, dtype, device).
-
-        Args:
-            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)` of the operator's dtype
-                and device, or a LinearOperator with ``P`` rows.
-
-        Returns:
-            The product, shaped like ``other``.
-
-        Raises:
-            InputError: If ``other`` does not have `P` rows or is on another device.
-            InputTypeError: If it has another dtype.
-        """
-        if isinstance(other, Tensor):
-            _checks.check_vector(other, self._P, self.dtype, self.device)
-            if not (other.requires_grad and torch.is_grad_enabled()):
-                # nothing to differentiate: skip linear_operator's autograd Function, which
-                # rebuilds the operator from its arguments on every call
-                return self._matmul(other)
-        return super().matmul(other)
-
-    def __matmul__(self, other):
-        return self.matmul(other)
 
     # --- structure ---------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from curvop import _checks
 from curvop.errors import InputError, InputTypeError, NotSupportedError
-from curvop.operators._base import entries_by_products
+from curvop.operators._base import _CheckedMatmul, entries_by_products
 
 __all__ = ["DatasetLinearOperator"]
 
@@ -35,7 +35,7 @@ def _fingerprint(x: Tensor, y: Tensor) -> tuple:
             float((y.detach().reshape(y.shape[0], -1).double().sum(1) * w).sum()))
 
 
-class DatasetLinearOperator(LinearOperator):
+class DatasetLinearOperator(_CheckedMatmul, LinearOperator):
     """The curvature of ``interface`` summed over the batches of ``loader``, `(P, P)`.
 
     Build it with :meth:`curvop.CurvatureInterface.dataset_operator`.
@@ -131,28 +131,6 @@ class DatasetLinearOperator(LinearOperator):
             out = op._matmul(rhs)
             total = out if total is None else total + out
         return total
-
-    def matmul(self, other):
-        """``self @ other``, streaming the batches once, with ``other`` checked first.
-
-        Args:
-            other: A tensor of shape `(P,)`, `(P, k)` or `(..., P, k)` of the operator's dtype
-                and device, or a LinearOperator with ``P`` rows.
-
-        Returns:
-            The product, shaped like ``other``.
-
-        Raises:
-            InputError: If ``other`` has the wrong length or device, or the loader changed
-                since the first pass.
-            InputTypeError: If ``other`` is not a tensor of the operator's dtype.
-        """
-        if isinstance(other, Tensor):
-            _checks.check_vector(other, self._P, self.dtype, self.device)
-        return super().matmul(other)
-
-    def __matmul__(self, other):
-        return self.matmul(other)
 
     def _diagonal(self) -> Tensor:
         return sum(op._diagonal() for op in self._ops())
