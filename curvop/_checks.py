@@ -26,6 +26,7 @@ __all__ = [
     "check_ignore_index",
     "check_deterministic",
     "forbid_randomness",
+    "all_finite",
     "check_finite_parameters",
     "check_no_batch_coupling",
     "check_subnetwork_indices",
@@ -35,6 +36,23 @@ __all__ = [
     "available_bytes",
     "check_square_operator",
 ]
+
+
+def _sum_magnitude(t: Tensor) -> Tensor:
+    """``|Σ t|`` in float64: non-finite whenever an entry of ``t`` is (nan or ±inf)."""
+    return t.detach().sum().abs().to(torch.float64)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (integer and bool tensors always are).
+
+    One summing pass instead of the elementwise ``isfinite(t).all()`` (three passes and a mask):
+    a nan or inf entry makes the sum non-finite. A non-finite sum can also be an overflow of
+    finite entries, so only then are the entries checked one by one.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    return bool(torch.isfinite(_sum_magnitude(t))) or bool(torch.isfinite(t).all())
 
 
 def check_likelihood(likelihood: object) -> Likelihood:
@@ -94,7 +112,7 @@ def check_inputs(x: object, device: torch.device | None = None) -> Tensor:
         raise InputError(f"`x` must have a non-empty batch dimension; got shape {tuple(x.shape)}")
     if device is not None and x.device != device:
         raise InputError(f"`x` must be on the model's device {device}; got {x.device}")
-    if x.is_floating_point() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise InputError("`x` holds non-finite values (nan or inf)")
     return x
 
@@ -117,7 +135,7 @@ def check_outputs(f: Tensor, likelihood: Likelihood, sequence: bool = False) -> 
             f"the model's output must have shape {expected}; got {tuple(f.shape)} "
             f"(for {likelihood.value})"
         )
-    if not torch.isfinite(f).all():
+    if not all_finite(f):
         raise InputError("the model's output holds non-finite values (nan or inf)")
 
 
@@ -165,7 +183,7 @@ def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Like
     if tuple(y.shape) != (batch_size, num_outputs):
         raise InputError(f"`y` must have shape {(batch_size, num_outputs)} like the model's "
                          f"output for regression; got {tuple(y.shape)}")
-    if not torch.isfinite(y).all():
+    if not all_finite(y):
         raise InputError("`y` holds non-finite values (nan or inf)")
     return y
 
@@ -202,7 +220,7 @@ def check_sequence_targets(y: object, batch_size: int, tokens: int, num_outputs:
     if tuple(y.shape) != (batch_size, tokens, num_outputs):
         raise InputError(f"`y` must have shape {(batch_size, tokens, num_outputs)} like the "
                          f"model's output for regression; got {tuple(y.shape)}")
-    if not torch.isfinite(y).all():
+    if not all_finite(y):
         raise InputError("`y` holds non-finite values (nan or inf)")
     return y.flatten(1)
 
@@ -297,7 +315,15 @@ def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
     Raises:
         InputError: Naming the first offending parameter.
     """
-    for name, p in named_params:
+    named = [(n, p) for n, p in named_params if p.is_floating_point() or p.is_complex()]
+    # one summing pass per tensor and one host synchronisation per device (see `all_finite`);
+    # only a non-finite total sends us through the tensors one by one to name the offender
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for _, p in named:
+        by_device.setdefault(p.device, []).append(_sum_magnitude(p))
+    if all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in by_device.values()):
+        return
+    for name, p in named:
         if not torch.isfinite(p).all():
             raise InputError(f"parameter {name!r} of `model` holds non-finite values")
 

@@ -150,3 +150,30 @@ def test_errors_are_curvop_subclasses():
     assert issubclass(InputError, ValueError) and issubclass(InputTypeError, TypeError)
     assert issubclass(MemoryBudgetError, MemoryError)
     assert issubclass(NotSupportedError, NotImplementedError)
+
+
+def test_finiteness_check_tells_overflow_from_nan_and_inf():
+    """The summing fast path of the finiteness checks: a sum that overflows is not an error."""
+    from curvop._checks import all_finite, check_finite_parameters
+
+    huge = torch.full((4,), 3e38)  # finite, but the float32 sum overflows to inf
+    assert not torch.isfinite(huge.sum())
+    assert all_finite(huge)
+    assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not all_finite(t)
+    t = torch.ones(5)
+    t[0], t[1] = float("inf"), -float("inf")  # cancels to nan, still caught
+    assert not all_finite(t)
+    check_finite_parameters([("a", huge), ("b", torch.ones(3, dtype=torch.float64))])
+    nan = torch.ones(3)
+    nan[1] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter 'b' of `model` holds non-finite"):
+        check_finite_parameters([("a", huge), ("b", nan), ("c", torch.ones(2))])
+    with pytest.raises(ValueError, match="`x` holds non-finite values"):
+        curvop.TorchGGN(torch.nn.Linear(4, 2), "classification").diag(
+            torch.full((3, 4), -3e38).index_put_((torch.tensor([2]), torch.tensor([3])),
+                                                  torch.tensor(float("inf"))),
+            torch.zeros(3, dtype=torch.long))
