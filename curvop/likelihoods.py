@@ -29,6 +29,39 @@ from torch import Tensor
 __all__ = ["Likelihood", "TokenClassification"]
 
 
+def softmax_hessian_sqrt(p: Tensor) -> Tensor:
+    r"""A square root of the softmax cross-entropy Hessian :math:`\mathrm{diag}(p) - pp^\top`.
+
+    With :math:`q = \sqrt{p}` the Hessian is :math:`D_q (I - qq^\top) D_q`, and
+    :math:`I - qq^\top` (``|q| = 1``) projects onto the complement of ``q``. The Householder
+    reflection :math:`R = I - vv^\top/(1 + q_k)`, :math:`v = q + e_k`, is orthogonal with
+    column ``k`` equal to :math:`-q`, so its other ``C - 1`` columns ``H`` span that complement
+    and :math:`S = D_q H` has :math:`SS^\top = D_q(RR^\top - qq^\top)D_q` = the Hessian: a
+    square root with ``C - 1`` columns, the Hessian's rank, instead of ``C``. Every product,
+    Gram matrix and backpropagation through ``S`` costs ``(C - 1)/C`` of the ``C``-column one.
+    ``k`` is the most likely class (``q_k ≥ 1/√C``), so ``1 + q_k`` never comes near zero.
+
+    Args:
+        p: Probabilities `(..., C)`.
+
+    Returns:
+        `(..., C, C - 1)`; for ``C = 1`` the (zero) `(..., 1, 1)` root.
+    """
+    C = p.shape[-1]
+    if C < 2:
+        return torch.zeros_like(p).unsqueeze(-1)
+    q = p.sqrt()
+    k = q.argmax(-1, keepdim=True)  # (..., 1)
+    q_k = q.gather(-1, k)
+    v = q.scatter_add(-1, k, torch.ones_like(q_k))
+    cols = torch.arange(C - 1, device=p.device)
+    cols = cols + (cols >= k).to(cols.dtype)  # (..., C - 1): every column but k
+    # H = R[..., cols], formed from v without R itself
+    E = torch.nn.functional.one_hot(cols, C).to(p.dtype).mT  # (..., C, C - 1)
+    H = E - v.unsqueeze(-1) * (v.gather(-1, cols) / (1 + q_k)).unsqueeze(-2)
+    return q.unsqueeze(-1) * H
+
+
 class Likelihood(enum.Enum):
     """The two supported likelihoods; ``Likelihood('classification')`` parses the user string."""
 
@@ -77,17 +110,15 @@ class Likelihood(enum.Enum):
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
     def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
-        r"""A square root ``S`` of Λ with ``S @ S.mT == Λ``, `(B, C, C)` (``y`` unused).
+        r"""A square root ``S`` of Λ with ``S @ S.mT == Λ`` (``y`` unused).
 
-        For classification column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; then
-        :math:`S S^\top = \mathrm{diag}(p) - 2pp^\top + pp^\top\sum_c p_c = \Lambda`.
+        Regression: the identity, `(B, C, C)`. Classification: `(B, C, C - 1)` (for ``C ≥ 2``),
+        the rank of Λ; see :func:`softmax_hessian_sqrt`.
         """
         B, C = f.shape
         if self is Likelihood.REGRESSION:
             return torch.eye(C, dtype=f.dtype, device=f.device).expand(B, C, C)
-        p = torch.softmax(f, dim=-1)
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        return (eye - p.unsqueeze(-1)) * p.sqrt().unsqueeze(-2)
+        return softmax_hessian_sqrt(torch.softmax(f, dim=-1))
 
     def output_hessian_matmul(self, f: Tensor, v: Tensor, y: Tensor | None = None) -> Tensor:
         """Λ applied per sample without forming it: ``v`` `(B, C)` or `(k, B, C)` → same shape.
@@ -191,15 +222,18 @@ class TokenClassification:
         return (g * self._mask(y, p)).flatten(-2)
 
     def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
-        """Block-diagonal square root of Λ, `(B, T·C, T·C)` (zero blocks for ignored tokens)."""
+        """Block-diagonal square root of Λ, `(B, T·C, T·K)`.
+
+        The token blocks are :func:`softmax_hessian_sqrt` (``K = C - 1`` for ``C ≥ 2``), zero
+        for ignored tokens.
+        """
         B = f.shape[0]
         p = torch.softmax(self._tokens(f), dim=-1)  # (B, T, C)
         T, C = p.shape[1], self.classes
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        blocks = (eye - p.unsqueeze(-1)) * p.sqrt().unsqueeze(-2)  # (B, T, C, C)
-        blocks = blocks * self._mask(y, p).unsqueeze(-1)
+        blocks = softmax_hessian_sqrt(p) * self._mask(y, p).unsqueeze(-1)  # (B, T, C, K)
+        K = blocks.shape[-1]
         diag = torch.eye(T, dtype=f.dtype, device=f.device)
-        return torch.einsum("btcd,ts->btcsd", blocks, diag).reshape(B, T * C, T * C)
+        return torch.einsum("btcd,ts->btcsd", blocks, diag).reshape(B, T * C, T * K)
 
     def output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """Λ per sequence, dense `(B, T·C, T·C)` (for references and small sizes)."""

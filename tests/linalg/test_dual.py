@@ -148,9 +148,13 @@ def test_refinement_and_errors():
     b = torch.randn(op.shape[0], dtype=F64)
     d = 1e-7
     x_ref = torch.linalg.solve(H + d * torch.eye(op.shape[0], dtype=F64), b)
-    err0 = (factorize(op).solve(b, d) - x_ref).norm() / x_ref.norm()
-    err1 = (factorize(op, refine=1).solve(b, d) - x_ref).norm() / x_ref.norm()
-    assert err1 <= err0 and err1 < 1e-8
+    A = H + d * torch.eye(op.shape[0], dtype=F64)
+    x0, x1 = factorize(op).solve(b, d), factorize(op, refine=1).solve(b, d)
+    # a refinement step lowers the residual; the error against the (itself inexact) dense
+    # solve stays at the level that the conditioning (~|H| / 1e-7) allows
+    res0, res1 = ((A @ x - b).norm() / b.norm() for x in (x0, x1))
+    assert res1 <= res0
+    assert (x1 - x_ref).norm() / x_ref.norm() < 1e-8
     fac = factorize(op)
     with pytest.raises(InputError, match="δ must be > 0"):
         fac.logdet(0.0)
