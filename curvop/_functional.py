@@ -21,7 +21,7 @@ from curvop._kernels import differentiable_kernels, has_rnn
 from curvop.likelihoods import Likelihood, TokenClassification
 from curvop.params import ParameterSelection
 
-__all__ = ["FunctionalModel", "Batch", "chunk_size"]
+__all__ = ["FunctionalModel", "Batch", "PendingBatch", "chunk_size"]
 
 Params = tuple[Tensor, ...]
 
@@ -321,3 +321,55 @@ class Batch:
         _, pullback = vjp(fwd, self.theta)
         out = vmap(pullback)(output_hessian(JV))[0]
         return self.flat(out, 1)
+
+
+class PendingBatch:
+    """A validated batch whose outputs are still to come: from the caller's own forward pass.
+
+    The curvatures that run a forward pass with a graph anyway (KFAC's tapped pass) take the
+    outputs from it instead of a separate forward without graph: :meth:`complete` turns the
+    outputs into the :class:`Batch` (checking them and the targets), and
+    :meth:`forward_without_graph` is the plain route for callers that need ``f`` first.
+
+    Args:
+        fm: The functional model.
+        x: The module's inputs.
+        finish: Validates the raw outputs (`(B, C)` or `(B, T, C)`, detached) and builds the
+            :class:`Batch`.
+        budget: Working-memory budget in bytes.
+        guard: Context manager factory wrapping every forward pass (randomness check).
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, finish: Callable[[Tensor], Batch],
+                 budget: int, guard: Callable[[], object]) -> None:
+        self.fm, self.x, self.budget = fm, x, budget
+        self._finish, self.guard = finish, guard
+        self.theta: Params = fm.selection.detached()
+        self.batch: Batch | None = None
+
+    @property
+    def sel(self) -> ParameterSelection:
+        """The parameter selection."""
+        return self.fm.selection
+
+    @property
+    def size(self) -> int:
+        """``B``."""
+        return self.x.shape[0]
+
+    def complete(self, f: Tensor) -> Batch:
+        """The :class:`Batch` for raw outputs ``f`` (from a forward at ``theta``)."""
+        self.batch = self._finish(f.detach())
+        return self.batch
+
+    def forward_without_graph(self) -> Batch:
+        """:meth:`complete` after a forward pass without graph."""
+        with torch.no_grad(), self.guard():
+            f = self.fm.forward(self.theta, self.x)
+        return self.complete(f)
+
+    def loss(self) -> Tensor:
+        """Summed loss of the completed batch (detached)."""
+        if self.batch is None:
+            raise RuntimeError("PendingBatch.loss before the outputs were computed")
+        return self.batch.loss()

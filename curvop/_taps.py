@@ -30,7 +30,8 @@ is an :class:`Unhandled` module (``partial=True``) or makes the strict taps ``No
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvop._functional import Batch
+from curvop._functional import Batch, PendingBatch
 from curvop.layers import (
     LayerHandler,
     attention_forward,
@@ -166,10 +167,13 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
     return taps if not _tap(batch, S, taps, verified, strict=True)[0] else None
 
 
-def tap_layer_blocks(batch: Batch, S: Tensor, verified: set | None, block: int,
-                     transposed: bool = False
+def tap_layer_blocks(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor],
+                     verified: set | None, block: int, transposed: bool = False
                      ) -> tuple[list[Tap], list[Unhandled], Iterator[None]]:
     """:func:`tap_layers` with ``partial=True``, the columns of ``S`` backpropagated in blocks.
+
+    ``batch`` may be a :class:`~curvop._functional.PendingBatch` with ``S`` a function of the
+    completed batch (see :func:`_tap`); it must then have a handled layer.
 
     One forward; the taps' ``g`` hold the first ``block`` columns `(block, n, G, T, O)`, and
     each step of the returned iterator replaces them by the next block (the forward's graph is
@@ -201,13 +205,16 @@ def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor, retain: bool) -> list
                 else torch.stack([pc[i] for pc in per_col]) for i in range(len(outs))]
 
 
-def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict: bool,
-         block: int | None = None) -> tuple[dict[int, str], Iterator[None]]:
+def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], taps: list[Tap],
+         verified: set | None, strict: bool, block: int | None = None
+         ) -> tuple[dict[int, str], Iterator[None]]:
     """Fill ``a`` and ``g`` of ``taps``; the rejected ones (by ``id``) with the reason.
 
     ``strict`` stops at the first rejection (the caller then discards every tap). With
     ``block``, ``g`` holds the first ``block`` columns and the returned iterator steps through
-    the others (see :func:`tap_layer_blocks`); otherwise the iterator is empty.
+    the others (see :func:`tap_layer_blocks`); otherwise the iterator is empty. A
+    :class:`~curvop._functional.PendingBatch` is completed from this forward pass and ``S``
+    is then a function of the completed batch; both are left on it (``.batch``, ``.S``).
     """
     rejected: dict[int, str] = {}
     by_module = {id(t.module): t for t in taps}
@@ -228,16 +235,21 @@ def _tap(batch: Batch, S: Tensor, taps: list[Tap], verified: set | None, strict:
     inside = {id(m.out_proj) for m in attention}  # tapped through attention_forward
     handles = [t.module.register_forward_hook(hook) for t in taps
                if t.handler.kind == "hook" and id(t.module) not in inside]
+    pending = isinstance(batch, PendingBatch)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), batch.guard() if pending else contextlib.nullcontext():
             if attention:
                 with _AttentionTaps(attention, by_module, record, handles):
-                    f = batch.fm(theta, batch.x)
+                    f_raw = batch.fm.forward(theta, batch.x)
             else:
-                f = batch.fm(theta, batch.x)
+                f_raw = batch.fm.forward(theta, batch.x)
     finally:
         for h in handles:
             h.remove()
+    f = f_raw.flatten(1) if f_raw.dim() > 2 else f_raw  # as FunctionalModel.__call__
+    if pending:  # this forward gives the batch its outputs, and S comes from them
+        S = S(batch.complete(f_raw))
+        batch.S = S
     for t in taps:
         n_calls = calls.get(id(t.module), 0)
         if n_calls != 1:

@@ -107,8 +107,8 @@ import torch
 from torch import Tensor, nn
 
 from curvop._checks import check_fits, check_positive_int
-from curvop._functional import Batch, FunctionalModel, chunk_size
-from curvop._gram import GRAM_BLOCK
+from curvop._functional import Batch, FunctionalModel, PendingBatch, chunk_size
+from curvop._gram import GRAM_COPY_ROWS
 from curvop._gram import gram as _gram
 from curvop._sqrt_form import sqrt_vjp_chunks
 from curvop._taps import Tap, Unhandled, tap_layer_blocks, tap_layers
@@ -178,7 +178,7 @@ def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
         return _gram(flat.view(d, b * m), out)
     except RuntimeError:  # not a view: copy, or sum batched products
         pass
-    if X.device.type == "cpu" and d >= 2 * GRAM_BLOCK:
+    if X.device.type == "cpu" and d >= GRAM_COPY_ROWS:
         return _gram(flat.reshape(d, b * m), out)
     step = max(1, _BMM_ENTRIES // (d * d))
     total = None
@@ -336,14 +336,19 @@ def _exact_blocks(batch: Batch, S: Tensor, slots: list[int], fallback: str
             for i, h in zip(slots, acc)}
 
 
-def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
-         fallback: str | None = None, verified: set | None = None, owner: str = "kfac",
-         max_bytes: int | None = None) -> Kron:
+def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: int, *,
+         approx: str = "expand", fallback: str | None = None, verified: set | None = None,
+         owner: str = "kfac", max_bytes: int | None = None, s_key: object = None) -> Kron:
     r"""KFAC of :math:`\sum_n J_n^\top S_n S_n^\top J_n` for one batch (see the module docstring).
 
     Args:
-        batch: The batch (whole parameter tensors selected: ``batch.sel.index is None``).
-        S: Square-root columns `(B, C, K)` (exact, sampled, or the output gradients).
+        batch: The batch (whole parameter tensors selected: ``batch.sel.index is None``), or a
+            :class:`~curvop._functional.PendingBatch`: when the whole batch fits in one chunk
+            its outputs then come from the tapped forward pass (one forward instead of two).
+        S: Square-root columns `(B, C, K)` (exact, sampled, or the output gradients), or a
+            function giving them for the (completed) batch.
+        s_key: With ``S`` a function: a hashable name of what it computes (the number of
+            columns must follow from it and the structure); ``S.shape[-1]`` otherwise.
         N: Size of the whole data set (the input-side factors are divided by it).
         approx: ``'expand'`` or ``'reduce'`` for weight sharing.
         fallback: ``None``, ``'diag'`` or ``'full'`` for parameters without a Kronecker form.
@@ -371,25 +376,41 @@ def kfac(batch: Batch, S: Tensor, N: int, *, approx: str = "expand",
     # per sample of this structure's taps, remembered from an earlier call; a structure seen
     # for the first time is measured (and its taps checked) on one sample first, which is then
     # discarded, so that the chunks, and hence the rounding, are the same in every call.
-    key = (tuple(batch.sel.names), tuple(batch.x.shape[1:]), batch.x.dtype, batch.f.dtype,
-           batch.f.device, S.shape[-1])
+    key = (tuple(batch.sel.names), tuple(batch.x.shape[1:]), batch.x.dtype, batch.sel.dtype,
+           batch.sel.device, s_key if callable(S) else S.shape[-1])
     sizes = _SAMPLE_BYTES.setdefault(batch.fm.module, {})
     B = batch.size
-    if key not in sizes:
-        one = slice(0, 1)
-        taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True,
-                             transposed=True)
-        block = _column_block(batch.fm.module, S.shape[-1])
-        sizes[key] = (4 * batch.itemsize * sum(t.a.numel() + t.g.numel() * block // S.shape[-1]
-                                               for t in taps), block)
-        del taps
+    sqrt = S if callable(S) else (lambda _: S)
+    pending = batch if isinstance(batch, PendingBatch) else None
+    if pending is not None and (key not in sizes
+                                or chunk_size(batch.budget, sizes[key][0], B) < B):
+        pending, batch = None, batch.forward_without_graph()  # f first, then chunks
+    if pending is None:
+        S = sqrt(batch)
+        if key not in sizes:
+            one = slice(0, 1)
+            taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True,
+                                 transposed=True)
+            block = _column_block(batch.fm.module, S.shape[-1])
+            sizes[key] = (4 * batch.itemsize * sum(
+                t.a.numel() + t.g.numel() * block // S.shape[-1] for t in taps), block)
+            del taps
     per_sample, block = sizes[key]
-    first = slice(0, chunk_size(batch.budget, per_sample, B))
-    taps, unhandled, more = _tap_chunk(batch, S, first, verified, block)
+    if pending is None:
+        first = slice(0, chunk_size(batch.budget, per_sample, B))
+        taps, unhandled, more = _tap_chunk(batch, S, first, verified, block)
+    else:  # one chunk: the tapped forward completes the batch, and S comes from its outputs
+        first = slice(0, B)
+        taps, unhandled, more = tap_layer_blocks(pending, sqrt, verified, block,
+                                                 transposed=True)
+        if pending.batch is None:  # nothing to tap: no forward ran
+            pending.forward_without_graph()
+            pending.S = sqrt(pending.batch)
+        batch, S = pending.batch, pending.S
     if unhandled and fallback is None:
         _raise_unhandled(unhandled, batch, owner)
-    check_fits((_factor_numel(taps, unhandled, batch, fallback),), batch.f.dtype,
-               batch.f.device, "the Kronecker factors", max_bytes)
+    check_fits((_factor_numel(taps, unhandled, batch, fallback),), batch.sel.dtype,
+               batch.sel.device, "the Kronecker factors", max_bytes)
     names = [t.name for t in taps]
     sums = {t.name: _Sums() for t in taps}
     _add_chunk(taps, more, approx, sums)
@@ -428,6 +449,10 @@ def kron_hook(interface, batch: Batch, N: int, sqrt: Callable[[Batch], Tensor],
             f"{owner}.kron got unexpected keyword arguments {sorted(kwargs)}; it takes "
             "`approx` ('expand' or 'reduce') and `fallback` (None, 'diag' or 'full')")
     check_kron_options(approx, fallback, owner)  # before an MC draw consumes the generator
-    return kfac(batch, sqrt(batch), N, approx=approx, fallback=fallback,
+    # S as a function: with a PendingBatch it is computed from the tapped forward's outputs;
+    # what it computes is named by the interface's sampling settings
+    s_key = (owner, interface.likelihood, getattr(interface, "stochastic", False),
+             getattr(interface, "num_samples", 0))
+    return kfac(batch, sqrt, N, approx=approx, fallback=fallback,
                 verified=interface._verified_taps, owner=owner,
-                max_bytes=interface.max_bytes)
+                max_bytes=interface.max_bytes, s_key=s_key)

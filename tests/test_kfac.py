@@ -699,3 +699,93 @@ def test_tiny_transformer_factors_the_embedding_as_a_kron_block():
     # the diagonal is still exact on this model
     torch.testing.assert_close(iface.diag(x, y)[1], ref.ggn(model, x, y, "classification")
                                .diagonal(), rtol=1e-10, atol=1e-12)
+
+
+# --- one forward pass: the outputs from the tapped forward ----------------------------------
+
+
+class Counted(nn.Module):
+    """Wraps a model and counts its forward passes in a list outside it (curvop restores the
+    model's own attributes, so a counter on it would not survive the call)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.__dict__["counter"] = []
+
+    def forward(self, x):
+        self.counter.append(1)
+        return self.inner(x)
+
+
+def _counted_kron(iface, model, x, y, **kwargs):
+    before = len(model.counter)
+    loss, K = iface.kron(x, y, N=9, **kwargs)
+    return loss, K, len(model.counter) - before
+
+
+@pytest.mark.parametrize("name, likelihood, cls, options", [
+    ("mlp", "classification", curvop.TorchGGN, {}),
+    ("cnn", "regression", curvop.TorchGGN, {}),
+    ("seq", "classification", curvop.TorchEF, {}),
+    ("mlp", "classification", curvop.TorchGGN, {"stochastic": True, "num_samples": 3}),
+])
+def test_repeated_kron_runs_one_forward_with_the_same_result(name, likelihood, cls, options):
+    """The first call of a structure runs the forward without graph, the one-sample sizing pass
+    and the tapped pass; later calls whose batch fits in one chunk take the outputs, the loss
+    and S from the tapped pass alone, with results equal to the two-forward route."""
+    inner, x, y = build(name, likelihood)
+    model = Counted(inner)
+
+    def iface():
+        gen = {"generator": torch.Generator().manual_seed(4)} if options else {}
+        return cls(model, likelihood, **options, **gen)
+
+    loss1, K1, n1 = _counted_kron(iface(), model, x, y)
+    loss2, K2, n2 = _counted_kron(iface(), model, x, y)
+    assert (n1, n2) == (3, 1)
+    assert torch.equal(loss1, loss2)
+    assert_kfacs(K2.kfacs, K1.kfacs)
+    if options:  # the same draws: the sampled S comes from the same generator state
+        assert all(torch.equal(a, b) for ka, kb in zip(K1.kfacs, K2.kfacs)
+                   for a, b in zip(ka, kb))
+    # a batch over the memory budget is chunked, so its outputs come first, as before
+    chunked = cls(model, likelihood, memory_budget=1, **options,
+                  **({"generator": torch.Generator().manual_seed(4)} if options else {}))
+    loss3, K3, n3 = _counted_kron(chunked, model, x, y)
+    assert n3 == 1 + x.shape[0]
+    assert torch.equal(loss3, loss1)
+    assert_kfacs(K3.kfacs, K1.kfacs)
+
+
+def test_one_forward_kron_checks_targets_and_leaves_the_model_alone():
+    inner, x, y = build("mlp")
+    model = Counted(inner)
+    register(model)
+    iface = curvop.TorchGGN(model, "classification")
+    iface.kron(x, y, N=9)
+    with pytest.raises(InputError, match="`y`"):
+        iface.kron(x, y + 3, N=9)  # labels out of range, found after the tapped forward
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    _, K, n = _counted_kron(iface, model, x, y)
+    assert n == 1
+    assert_kfacs(K.kfacs, curvop.TorchGGN(inner, "classification").kron(x, y, N=9)[1].kfacs)
+
+
+def test_one_forward_kron_with_token_outputs_and_last_layer():
+    """Token-level outputs are flattened after the tapped forward as after the plain one."""
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    x = torch.randint(0, 7, (4, 6))
+    y = torch.randint(0, 3, (4, 6))
+    y[0, :2] = -100
+    model = Counted(emb)
+    register(model)
+    for kwargs in ({}, {"last_layer": True}):
+        iface = curvop.TorchGGN(model, "classification", **kwargs)
+        loss1, K1, _ = _counted_kron(iface, model, x, y)
+        loss2, K2, n2 = _counted_kron(iface, model, x, y)
+        assert n2 == 1
+        assert torch.equal(loss1, loss2)
+        assert_kfacs(K2.kfacs, K1.kfacs)

@@ -21,7 +21,7 @@ from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor, nn
 
 from curvop import _checks
-from curvop._functional import Batch, FunctionalModel
+from curvop._functional import Batch, FunctionalModel, PendingBatch
 from curvop._gram import gram_of_rows
 from curvop._kernels import differentiable_kernels, has_rnn
 from curvop._model_guard import model_guard
@@ -81,6 +81,9 @@ class CurvatureInterface:
     alternative: ClassVar[str] = "TorchGGN / TorchEF / TorchHessian"
     #: whether token-level outputs `(B, T, C)` are supported
     supports_sequence_outputs: ClassVar[bool] = False
+    #: ``_kron`` takes a :class:`~curvop._functional.PendingBatch` and computes the outputs in
+    #: its own forward pass (the native KFAC's tapped pass), saving a forward without graph
+    _kron_defers_forward: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -134,24 +137,32 @@ class CurvatureInterface:
                 f"{type(self).__name__} does not support `{method}`; use {self.alternative}"
             )
 
-    def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection) -> Batch:
+    def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection,
+               defer: bool = False) -> Batch | PendingBatch:
         """Validate ``x``/``y``, compute features (last layer) and outputs without a graph.
 
-        Token-level outputs `(B, T, C)` are flattened to `(B, T·C)` here (and regression
-        targets with them); ``event_shape`` keeps `(T, C)`.
+        Token-level outputs `(B, T, C)` are flattened to `(B, T·C)` (and regression targets
+        with them); ``event_shape`` keeps `(T, C)`. With ``defer`` the outputs are left to the
+        caller's own forward pass (a :class:`~curvop._functional.PendingBatch`).
         """
         _checks.check_inputs(x, sel.device)
         _checks.check_no_batch_coupling(self.model)
         _checks.check_deterministic(self.model)
         _checks.check_finite_parameters(
             (n, p) for n, p in self.model.named_parameters() if p.requires_grad)
-        module = self._param_module
-        with torch.no_grad(), _checks.forbid_randomness(sel.device):
-            if self.last_layer:
+        if self.last_layer:
+            with torch.no_grad(), _checks.forbid_randomness(sel.device):
                 with differentiable_kernels(has_rnn(self.model)):
                     x = self.model.forward_with_features(x)[1].detach()
-            fm = FunctionalModel(module, sel)
-            f = fm.forward(tuple(sel.detached()), x)
+        fm = FunctionalModel(self._param_module, sel)
+        pending = PendingBatch(fm, x, lambda f: self._finish_batch(fm, x, y, f),
+                               self.memory_budget,
+                               lambda: _checks.forbid_randomness(sel.device))
+        return pending if defer else pending.forward_without_graph()
+
+    def _finish_batch(self, fm: FunctionalModel, x: Tensor, y: Tensor | None,
+                      f: Tensor) -> Batch:
+        """The :class:`Batch` of outputs ``f`` `(B, C)` or `(B, T, C)`: checks, targets, tokens."""
         _checks.check_outputs(f, self._likelihood, sequence=True)
         if f.dim() == 2:
             if y is not None:
@@ -420,7 +431,7 @@ class CurvatureInterface:
         N = _checks.check_positive_int(N, "N")
         with model_guard(self.model):
             sel = self._selection()
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, defer=self._kron_defers_forward)
             H = self._kron(batch, N, **kwargs)
         return batch.loss(), H
 

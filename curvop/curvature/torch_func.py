@@ -47,6 +47,7 @@ class _TorchBase:
 
     alternative = "TorchGGN / TorchEF / TorchHessian"
     supports_sequence_outputs = True
+    _kron_defers_forward = True  # kron_hook: the outputs come from KFAC's tapped forward
 
     def _jacobians(self, batch: Batch) -> Tensor:
         return batch.jacobians(slice(None))
