@@ -38,11 +38,6 @@ __all__ = [
 ]
 
 
-def _sum_magnitude(t: Tensor) -> Tensor:
-    """``|Σ t|`` in float64: non-finite whenever an entry of ``t`` is (nan or ±inf)."""
-    return t.detach().sum().abs().to(torch.float64)
-
-
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite (integer and bool tensors always are).
 
@@ -52,7 +47,7 @@ def all_finite(t: Tensor) -> bool:
     """
     if not (t.is_floating_point() or t.is_complex()):
         return True
-    return bool(torch.isfinite(_sum_magnitude(t))) or bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
 
 
 def check_likelihood(likelihood: object) -> Likelihood:
@@ -316,12 +311,13 @@ def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
         InputError: Naming the first offending parameter.
     """
     named = [(n, p) for n, p in named_params if p.is_floating_point() or p.is_complex()]
-    # one summing pass per tensor and one host synchronisation per device (see `all_finite`);
-    # only a non-finite total sends us through the tensors one by one to name the offender
-    by_device: dict[torch.device, list[Tensor]] = {}
+    # one summing pass per tensor and one host synchronisation per device and dtype (see
+    # `all_finite`); only a non-finite total sends us through the tensors one by one to name
+    # the offender
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for _, p in named:
-        by_device.setdefault(p.device, []).append(_sum_magnitude(p))
-    if all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in by_device.values()):
+        groups.setdefault((p.device, p.dtype), []).append(p.detach().sum())
+    if all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in groups.values()):
         return
     for name, p in named:
         if not torch.isfinite(p).all():

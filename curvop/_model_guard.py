@@ -46,17 +46,20 @@ class ModelSnapshot:
                 keep = hooks.get(k, set())
                 for hk in [h for h in d if h not in keep]:
                     del d[hk]
-            for k in [k for k in vars(m) if k not in attrs]:
+            now = vars(m)
+            for k in [k for k in now if k not in attrs]:
                 delattr(m, k)
             for k, v in attrs.items():  # values rebound in place (e.g. hook flags)
-                if vars(m).get(k) is not v:
-                    vars(m)[k] = v
-            m.training = training
+                if now.get(k) is not v:
+                    now[k] = v
+            if m.training is not training:
+                m.training = training
         for p, attrs, g, gv, rg in zip(self.params, self.param_attrs, self.grads,
                                        self.grad_values, self.requires_grad):
             for k in [k for k in vars(p) if k not in attrs]:
                 delattr(p, k)
-            p.requires_grad_(rg)
+            if p.requires_grad is not rg:
+                p.requires_grad_(rg)
             if g is None:
                 p.grad = None
             else:

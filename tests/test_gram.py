@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from curvop._gram import gram, gram_of_rows
+from curvop._gram import gram, gram_of_rows, gram_upper_, mirror_upper_
 
 F64 = torch.float64
 
@@ -31,3 +31,13 @@ def test_gram_of_rows_sums_chunks(d):
     ref = sum(c.reshape(-1, d).T @ c.reshape(-1, d) for c in chunks)
     assert torch.equal(H, H.mT)
     torch.testing.assert_close(H, ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("d", [30, 1100])
+def test_overwrite_ignores_what_out_held(d):
+    X = torch.randn(d, 64, dtype=F64, generator=torch.Generator().manual_seed(d))
+    out = torch.full((d, d), float("nan"), dtype=F64)  # as an uninitialised buffer may be
+    G = mirror_upper_(gram_upper_(out, X, overwrite=True))
+    assert torch.equal(G, G.mT)
+    torch.testing.assert_close(G, X @ X.T, rtol=1e-12, atol=1e-10)
+    assert torch.equal(gram_of_rows(iter(()), X, 5), torch.zeros(5, 5, dtype=F64))
