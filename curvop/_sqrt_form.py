@@ -8,12 +8,12 @@ gradients over :math:`\sqrt{K}`) and the empirical Fisher (``S`` the output grad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from curvop._functional import Batch
+from curvop._functional import Batch, PendingBatch
 from curvop._gram import gram_of_rows
 from curvop._taps import tap_layers
 from curvop.layers import diag_sq_sum
@@ -33,16 +33,25 @@ def sqrt_vjp_chunks(batch: Batch, S: Tensor) -> Iterator[Tensor]:
         yield batch.sqrt_vjps(rows, S[rows])
 
 
-def sqrt_form_diag(batch: Batch, S: Tensor, verified: set | None = None) -> Tensor:
+def sqrt_form_diag(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor],
+                   verified: set | None = None) -> Tensor:
     """The exact diagonal `(P,)`.
 
     Layer by layer: closed form for the layers with taps (Linear, Conv, attention projections:
     squares of per-sample gradients from layer inputs and backpropagated columns of ``S``, see
     :mod:`curvop._taps`), per-sample VJPs in the remaining parameters only (LayerNorm, custom
     modules, tied weights) — a LayerNorm in an MLP does not send the whole network down the
-    per-sample path.
+    per-sample path. A :class:`~curvop._functional.PendingBatch` gets its outputs from the
+    tapped forward pass, and ``S`` (then a function of the completed batch) from them.
     """
+    if callable(S) and not isinstance(batch, PendingBatch):
+        S = S(batch)
     taps, unhandled = tap_layers(batch, S, verified, partial=True)
+    if isinstance(batch, PendingBatch):
+        if batch.batch is None:  # nothing to tap: no forward ran
+            batch.forward_without_graph()
+            batch.S = S(batch.batch)
+        batch, S = batch.batch, batch.S
     parts: list[Tensor | None] = [None] * len(batch.theta)
     for t in taps:
         sq = diag_sq_sum(t.a, t.g, t.has_bias)

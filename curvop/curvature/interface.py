@@ -81,9 +81,10 @@ class CurvatureInterface:
     alternative: ClassVar[str] = "TorchGGN / TorchEF / TorchHessian"
     #: whether token-level outputs `(B, T, C)` are supported
     supports_sequence_outputs: ClassVar[bool] = False
-    #: ``_kron`` takes a :class:`~curvop._functional.PendingBatch` and computes the outputs in
-    #: its own forward pass (the native KFAC's tapped pass), saving a forward without graph
-    _kron_defers_forward: ClassVar[bool] = False
+    #: the hooks (``'kron'``, ``'diag'``) that take a :class:`~curvop._functional.PendingBatch`
+    #: and compute the outputs in their own forward pass (the native backend's tapped pass),
+    #: saving a forward without graph
+    _defers_forward: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -296,7 +297,7 @@ class CurvatureInterface:
         self._require("_diag", "diag")
         with model_guard(self.model):
             sel = self._selection()
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, defer="diag" in self._defers_forward)
             h = self._diag(batch)
         return batch.loss(), h
 
@@ -431,7 +432,7 @@ class CurvatureInterface:
         N = _checks.check_positive_int(N, "N")
         with model_guard(self.model):
             sel = self._selection()
-            batch = self._batch(x, y, sel, defer=self._kron_defers_forward)
+            batch = self._batch(x, y, sel, defer="kron" in self._defers_forward)
             H = self._kron(batch, N, **kwargs)
         return batch.loss(), H
 

@@ -47,7 +47,6 @@ class _TorchBase:
 
     alternative = "TorchGGN / TorchEF / TorchHessian"
     supports_sequence_outputs = True
-    _kron_defers_forward = True  # kron_hook: the outputs come from KFAC's tapped forward
 
     def _jacobians(self, batch: Batch) -> Tensor:
         return batch.jacobians(slice(None))
@@ -81,6 +80,8 @@ class TorchGGN(_TorchBase, GGNInterface):
 
     supports: ClassVar[frozenset[str]] = frozenset(
         {"_jacobians", "_gradients", "_full", "_diag", "_full_operator", "_kron"})
+    # the outputs come from the tapped forward of KFAC / the closed-form diagonal
+    _defers_forward: ClassVar[frozenset[str]] = frozenset({"kron", "diag"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, stochastic: bool = False,
@@ -95,7 +96,7 @@ class TorchGGN(_TorchBase, GGNInterface):
         return sqrt_vjp_chunks(batch, S)
 
     def _diag(self, batch: Batch) -> Tensor:
-        return sqrt_form_diag(batch, self._sqrt_output_hessian(batch), self._verified_taps)
+        return sqrt_form_diag(batch, self._sqrt_output_hessian, self._verified_taps)
 
     def _full(self, batch: Batch) -> Tensor:
         # Assembling from per-sample products costs about K backward passes of the batch;
@@ -129,6 +130,8 @@ class TorchEF(_TorchBase, EFInterface):
 
     supports: ClassVar[frozenset[str]] = frozenset(
         {"_jacobians", "_gradients", "_full", "_diag", "_full_operator", "_kron"})
+    # the outputs come from the tapped forward of KFAC / the closed-form diagonal
+    _defers_forward: ClassVar[frozenset[str]] = frozenset({"kron", "diag"})
 
     def __init__(self, model: nn.Module, likelihood: str, last_layer: bool = False,
                  subnetwork_indices: Tensor | None = None, **kwargs) -> None:
@@ -137,7 +140,7 @@ class TorchEF(_TorchBase, EFInterface):
 
     # g_n = J_nᵀ r_n: the EF is the square-root form with S_n = r_n (one column)
     def _diag(self, batch: Batch) -> Tensor:
-        return sqrt_form_diag(batch, ef_sqrt(batch), self._verified_taps)
+        return sqrt_form_diag(batch, ef_sqrt, self._verified_taps)
 
     def _full(self, batch: Batch) -> Tensor:
         return sqrt_form_full(batch, ef_sqrt(batch))
