@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The one prepared script for a session that is lent a GPU (the `device` tool): GPU correctness,
+# then the CUDA benchmarks, inside one call of at most 10 minutes. Results come back under $OUT.
+#
+# Here, first:   bash benchmarks/gpu/fetch_wheels.sh
+# Then:          run(command="bash benchmarks/gpu/session.sh", carry=[".whl"], timeout_s=600)
+# Afterwards:    copy the returned results/*.json into benchmarks/results/ and rebuild the table
+#                (python -m benchmarks.report benchmarks/results), name the card in the note.
+#
+# Budgets (seconds; override by environment): TESTS_S for the CUDA tests, BENCH_S for the
+# benchmarks, BENCH_TASKS / BENCH_PROBLEMS to narrow them. Each stage is cut at its budget and
+# the script goes on, so a slow stage cannot cost the others their results.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/curvop_gpu_out}
+mkdir -p "$OUT/results"
+PY=${PYTHON:-python3}
+# about 7.5 minutes in all, so that a 15-minute lease has room for the start and one rerun
+TESTS_S=${TESTS_S:-120}
+BENCH_S=${BENCH_S:-210}
+FULL_S=${FULL_S:-60}
+BENCH_PROBLEMS=${BENCH_PROBLEMS:-mlp cnn}
+BENCH_TASKS=${BENCH_TASKS:-baseline operator_build ggn_product matmat16 hvp ef_product \
+fisher_mc_product diag_ggn kfac_exact kfac_mc}
+DEVICE=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/curvop_site .whl/*.whl || echo "wheel install failed" | tee -a "$OUT/log.txt"
+  export PYTHONPATH=/tmp/curvop_site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+{
+  echo "== environment"; date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  "$PY" -c "import sys, torch, linear_operator as lo, scipy; print(sys.version.split()[0], \
+'torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name() if torch.cuda.is_available() else '-', \
+'linear_operator', lo.__version__, 'scipy', scipy.__version__)"
+  "$PY" -c "import backpack, asdl, laplace, curvlinops; print('peers import')"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== CUDA tests (every case parametrised on cuda, and the gpu marker), ${TESTS_S}s" | tee "$OUT/tests.txt"
+timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -n 8 -x \
+  -k "cuda or gpu" -m "not montecarlo and not slow" tests 2>&1 | tail -40 | tee -a "$OUT/tests.txt"
+timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/tests.txt"
+
+echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | tee "$OUT/bench.txt"
+# in one process: each child would initialise CUDA again (seconds per entry); peak memory is
+# reset per entry by benchmarks.measure on CUDA, so it stays per entry
+# shellcheck disable=SC2086
+timeout "$BENCH_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
+  --problems $BENCH_PROBLEMS --tasks $BENCH_TASKS --repeats 10 --budget 1 \
+  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.txt"
+
+echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee -a "$OUT/bench.txt"
+timeout "$FULL_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
+  --problems cnn_small --tasks baseline full_ggn --repeats 3 --budget 1 \
+  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.txt"
+ls -l "$OUT" "$OUT/results"
