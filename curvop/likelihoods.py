@@ -39,7 +39,8 @@ def softmax_hessian_sqrt(p: Tensor) -> Tensor:
     and :math:`S = D_q H` has :math:`SS^\top = D_q(RR^\top - qq^\top)D_q` = the Hessian: a
     square root with ``C - 1`` columns, the Hessian's rank, instead of ``C``. Every product,
     Gram matrix and backpropagation through ``S`` costs ``(C - 1)/C`` of the ``C``-column one.
-    ``k`` is the most likely class (``q_k ≥ 1/√C``), so ``1 + q_k`` never comes near zero.
+    ``k`` is the last class: :math:`v^\top v = 2(1 + q_k) \ge 2` whatever ``p`` is (``q``
+    is reflected onto :math:`-e_k`, the stable sign), so dropping the last column is a slice.
 
     Args:
         p: Probabilities `(..., C)`.
@@ -51,15 +52,11 @@ def softmax_hessian_sqrt(p: Tensor) -> Tensor:
     if C < 2:
         return torch.zeros_like(p).unsqueeze(-1)
     q = p.sqrt()
-    k = q.argmax(-1, keepdim=True)  # (..., 1)
-    q_k = q.gather(-1, k)
-    v = q.scatter_add(-1, k, torch.ones_like(q_k))
-    cols = torch.arange(C - 1, device=p.device)
-    cols = cols + (cols >= k).to(cols.dtype)  # (..., C - 1): every column but k
-    # H = R[..., cols], formed from v without R itself
-    E = torch.nn.functional.one_hot(cols, C).to(p.dtype).mT  # (..., C, C - 1)
-    H = E - v.unsqueeze(-1) * (v.gather(-1, cols) / (1 + q_k)).unsqueeze(-2)
-    return q.unsqueeze(-1) * H
+    v = q.clone()
+    v[..., -1] += 1
+    scale = v[..., :-1] / (1 + q[..., -1:])  # (..., C - 1)
+    E = torch.eye(C, C - 1, dtype=p.dtype, device=p.device)
+    return q.unsqueeze(-1) * (E - v.unsqueeze(-1) * scale.unsqueeze(-2))
 
 
 class Likelihood(enum.Enum):

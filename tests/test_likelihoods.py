@@ -14,6 +14,7 @@ def test_softmax_hessian_sqrt_has_rank_many_columns(C):
     f = 4 * torch.randn(9, C, dtype=F64, generator=gen)
     f[0, 0] = 60.0  # one class at probability 1 - 1e-26: the reflection stays well defined
     f[1] = 0.0  # uniform
+    f[2, -1] = 60.0  # the reflected class itself at probability ~1
     p = torch.softmax(f, -1)
     S = softmax_hessian_sqrt(p)
     assert S.shape == (9, C, max(C - 1, 1))
