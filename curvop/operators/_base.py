@@ -137,7 +137,10 @@ class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
         if rhs.dim() == 1:
             cols = rhs.unsqueeze(0)
         else:
-            cols = rhs.movedim(-2, -1).reshape(-1, P)
+            # columns as contiguous rows, copied once here: split into parameters, strided
+            # rows would be copied per parameter and again inside the products (a 16-column
+            # matmat of the 270k-parameter MLP: 150 ms against 119 ms)
+            cols = rhs.movedim(-2, -1).reshape(-1, P).contiguous()
         b = self._batch
         per_col = 6 * (b.sel.num_live + b.f.numel()) * b.itemsize + b.x.numel() * b.itemsize
         n = chunk_size(b.budget, per_col, cols.shape[0])
