@@ -285,9 +285,11 @@ class SqrtFormProducts:
     def __init__(self, batch: Batch, S: Tensor) -> None:
         self.batch = batch
         self.S = S.detach()
-        # Λ = S Sᵀ `(B, C, C)` once, unless the square root is thinner (MC Fisher, EF)
+        # Λ = S Sᵀ `(B, C, C)` once (one product per application, C² per sample), unless the
+        # square root is thin enough for two products through it to cost less (2CK < C²: the
+        # MC Fisher and the EF; the exact root has K = C - 1)
         B, C, K = self.S.shape
-        self.Lam = self.S @ self.S.transpose(1, 2) if K >= C else None
+        self.Lam = self.S @ self.S.transpose(1, 2) if 2 * K >= C else None
         self.theta = _leaves(batch)
         with torch.enable_grad():
             with _LeanLayers():
