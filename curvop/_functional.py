@@ -100,8 +100,25 @@ def chunk_size(budget_bytes: int, bytes_per_item: int, total: int) -> int:
     return max(1, min(total, budget_bytes // max(1, bytes_per_item)))
 
 
+class _Samples:
+    """What :class:`Batch` and :class:`PendingBatch` read alike from ``fm`` and ``x``."""
+
+    fm: FunctionalModel
+    x: Tensor
+
+    @property
+    def sel(self) -> ParameterSelection:
+        """The parameter selection."""
+        return self.fm.selection
+
+    @property
+    def size(self) -> int:
+        """``B``."""
+        return self.x.shape[0]
+
+
 @dataclass
-class Batch:
+class Batch(_Samples):
     """One validated batch ready for the backends.
 
     Attributes:
@@ -143,15 +160,6 @@ class Batch:
         return Batch(self.fm.to(dtype, device), cast(self.x), cast(self.y), cast(self.f),
                      self.likelihood, self.budget, self.event_shape)
 
-    @property
-    def sel(self) -> ParameterSelection:
-        """The parameter selection."""
-        return self.fm.selection
-
-    @property
-    def size(self) -> int:
-        """``B``."""
-        return self.x.shape[0]
 
     @property
     def itemsize(self) -> int:
@@ -323,7 +331,7 @@ class Batch:
         return self.flat(out, 1)
 
 
-class PendingBatch:
+class PendingBatch(_Samples):
     """A validated batch whose outputs are still to come: from the caller's own forward pass.
 
     The curvatures that run a forward pass with a graph anyway (KFAC's tapped pass) take the
@@ -347,15 +355,6 @@ class PendingBatch:
         self.theta: Params = fm.selection.detached()
         self.batch: Batch | None = None
 
-    @property
-    def sel(self) -> ParameterSelection:
-        """The parameter selection."""
-        return self.fm.selection
-
-    @property
-    def size(self) -> int:
-        """``B``."""
-        return self.x.shape[0]
 
     def complete(self, f: Tensor) -> Batch:
         """The :class:`Batch` for raw outputs ``f`` (from a forward at ``theta``)."""

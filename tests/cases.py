@@ -111,6 +111,20 @@ class Case:
         return {"rtol": 1e-5, "atol": 1e-5}
 
 
+class Counted(nn.Module):
+    """Wraps a model and counts its forward passes in ``counter``, a list outside the module
+    (curvop restores the module's own attributes after each call)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.__dict__["counter"] = []
+
+    def forward(self, x):
+        self.counter.append(1)
+        return self.inner(x)
+
+
 def register(model: nn.Module) -> nn.Module:
     """Snapshot ``model`` now (again, if a test changed it on purpose)."""
     LIVE_MODELS[:] = [(m, s) for m, s in LIVE_MODELS if m is not model]

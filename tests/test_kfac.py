@@ -20,7 +20,7 @@ from curvop.errors import InputError, InputTypeError, NotSupportedError
 from curvop.likelihoods import Likelihood
 
 import reference as ref
-from cases import Case, register
+from cases import Case, Counted, register
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 DT = torch.float64
@@ -702,20 +702,6 @@ def test_tiny_transformer_factors_the_embedding_as_a_kron_block():
 
 
 # --- one forward pass: the outputs from the tapped forward ----------------------------------
-
-
-class Counted(nn.Module):
-    """Wraps a model and counts its forward passes in a list outside it (curvop restores the
-    model's own attributes, so a counter on it would not survive the call)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.__dict__["counter"] = []
-
-    def forward(self, x):
-        self.counter.append(1)
-        return self.inner(x)
 
 
 def _counted_kron(iface, model, x, y, **kwargs):

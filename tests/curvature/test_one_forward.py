@@ -12,23 +12,9 @@ import curvop
 from curvop.errors import InputError
 
 import reference as ref
-from cases import register
+from cases import Counted, register
 
 DT = torch.float64
-
-
-class Counted(nn.Module):
-    """Counts its forward passes in a list outside the module (curvop restores the module's
-    own attributes after each call)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.__dict__["counter"] = []
-
-    def forward(self, x):
-        self.counter.append(1)
-        return self.inner(x)
 
 
 class Scaled(nn.Module):
