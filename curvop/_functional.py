@@ -353,7 +353,8 @@ class PendingBatch(_Samples):
         self.fm, self.x, self.budget = fm, x, budget
         self._finish, self.guard = finish, guard
         self.theta: Params = fm.selection.detached()
-        self.batch: Batch | None = None
+        self.batch: Batch | None = None  # set by complete()
+        self.S: Tensor | None = None  # set by the tapped pass that completes the batch
 
 
     def complete(self, f: Tensor) -> Batch:
@@ -366,6 +367,16 @@ class PendingBatch(_Samples):
         with torch.no_grad(), self.guard():
             f = self.fm.forward(self.theta, self.x)
         return self.complete(f)
+
+    def settled(self, sqrt: Callable[[Batch], Tensor]) -> tuple[Batch, Tensor]:
+        """The completed batch and its ``S``.
+
+        If no tapped pass completed the batch (nothing to tap), the outputs come from a forward
+        without graph and ``S = sqrt(batch)``.
+        """
+        if self.batch is None:
+            self.S = sqrt(self.forward_without_graph())
+        return self.batch, self.S
 
     def loss(self) -> Tensor:
         """Summed loss of the completed batch (detached)."""

@@ -48,10 +48,7 @@ def sqrt_form_diag(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Te
         S = S(batch)
     taps, unhandled = tap_layers(batch, S, verified, partial=True)
     if isinstance(batch, PendingBatch):
-        if batch.batch is None:  # nothing to tap: no forward ran
-            batch.forward_without_graph()
-            batch.S = S(batch.batch)
-        batch, S = batch.batch, batch.S
+        batch, S = batch.settled(S)
     parts: list[Tensor | None] = [None] * len(batch.theta)
     for t in taps:
         sq = diag_sq_sum(t.a, t.g, t.has_bias)

@@ -403,10 +403,7 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
         first = slice(0, B)
         taps, unhandled, more = tap_layer_blocks(pending, sqrt, verified, block,
                                                  transposed=True)
-        if pending.batch is None:  # nothing to tap: no forward ran
-            pending.forward_without_graph()
-            pending.S = sqrt(pending.batch)
-        batch, S = pending.batch, pending.S
+        batch, S = pending.settled(sqrt)
     if unhandled and fallback is None:
         _raise_unhandled(unhandled, batch, owner)
     check_fits((_factor_numel(taps, unhandled, batch, fallback),), batch.sel.dtype,
