@@ -15,10 +15,11 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/curvop_gpu_out}
 mkdir -p "$OUT/results"
 PY=${PYTHON:-python3}
-# about 7.5 minutes in all, so that a 15-minute lease has room for the start and one rerun
+# about 8 minutes in all, so that a 15-minute lease has room for the start and one rerun
 TESTS_S=${TESTS_S:-120}
 BENCH_S=${BENCH_S:-210}
 FULL_S=${FULL_S:-60}
+PROFILE_S=${PROFILE_S:-40}
 BENCH_PROBLEMS=${BENCH_PROBLEMS:-mlp cnn}
 BENCH_TASKS=${BENCH_TASKS:-baseline operator_build ggn_product matmat16 hvp ef_product \
 fisher_mc_product diag_ggn kfac_exact kfac_mc}
@@ -60,4 +61,10 @@ echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee
 timeout "$FULL_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
   --problems cnn_small --tasks baseline full_ggn --repeats 3 --budget 1 \
   --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.txt"
+
+echo "== where a product's time goes (wall times and profiler tables), ${PROFILE_S}s" | tee "$OUT/profile.txt"
+timeout "$PROFILE_S" "$PY" -m benchmarks.gpu.profile_products --device "$DEVICE" \
+  --problems $BENCH_PROBLEMS 2>&1 | grep -v -i -E "warn|USDT" >> "$OUT/profile.txt"
+grep "^==" "$OUT/profile.txt"
+rm -f "$OUT/results/README.md"  # rebuilt here; at most 8 files come back
 ls -l "$OUT" "$OUT/results"
