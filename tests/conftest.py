@@ -9,6 +9,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from cases import LIVE_MODELS, assert_untouched
 
+# the references are float64 and the float32 tolerances assume IEEE float32 arithmetic: cuDNN's
+# default TF32 convolutions (10-bit mantissa) would miss them on CUDA
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def untouched_models():

@@ -52,7 +52,7 @@ def gradients(model, x, y, likelihood, last_layer=False):
 
 def output_hessian(f, likelihood):
     if likelihood == "regression":
-        return torch.eye(f.shape[1], dtype=f.dtype).expand(f.shape[0], -1, -1)
+        return torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
     p = torch.softmax(f, -1)
     return torch.stack([torch.diag(pn) - torch.outer(pn, pn) for pn in p])
 

@@ -50,34 +50,40 @@ def main() -> None:
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     for name in args.problems:
-        problem = make_problem(name, device=device)
-        model, x, y = problem.model, problem.x, problem.y
-        lossfunc = problem.lossfunc()
+        _one(name, device, activities)
 
-        def fwd_bwd():
-            model.zero_grad(set_to_none=True)
-            lossfunc(model(x), y).backward()
 
-        iface = TorchGGN(model, problem.likelihood)
-        _, op = iface.full_operator(x, y)
-        v = torch.randn(problem.num_params, device=device)
-        base = _median_ms(fwd_bwd, device)
-        build = _median_ms(lambda: iface.full_operator(x, y), device)
-        prod = _median_ms(lambda: op @ v, device)
-        print(f"== {name} on {device} (P={problem.num_params}, B={problem.batch_size}): "
-              f"fwd+bwd {base:.3f} ms, build {build:.3f} ms ({build / base:.2f}x), "
-              f"product {prod:.3f} ms ({prod / base:.2f}x)", flush=True)
-        for label, fn in (("product", lambda: op @ v), ("fwd+bwd", fwd_bwd)):
-            with profile(activities=activities) as prof:
-                for _ in range(5):
-                    fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            keys = ["self_cuda_time_total", "cpu_time_total"] if device.type == "cuda" \
-                else ["cpu_time_total"]
-            for key in keys:
-                print(f"-- {name} {label}, 5 calls, sorted by {key}")
-                print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+def _one(name: str, device: torch.device, activities: list) -> None:
+    """Time and profile one problem."""
+    problem = make_problem(name, device=device)
+    model, x, y = problem.model, problem.x, problem.y
+    lossfunc = problem.lossfunc()
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        lossfunc(model(x), y).backward()
+
+    iface = TorchGGN(model, problem.likelihood)
+    _, op = iface.full_operator(x, y)
+    v = torch.randn(problem.num_params, device=device)
+    base = _median_ms(fwd_bwd, device)
+    build = _median_ms(lambda: iface.full_operator(x, y), device)
+    prod = _median_ms(lambda: op @ v, device)
+    print(f"== {name} on {device} (P={problem.num_params}, B={problem.batch_size}): "
+          f"fwd+bwd {base:.3f} ms, build {build:.3f} ms ({build / base:.2f}x), "
+          f"product {prod:.3f} ms ({prod / base:.2f}x)", flush=True)
+    for label, fn in (("product", lambda: op @ v), ("fwd+bwd", fwd_bwd)):
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        keys = ["self_cuda_time_total", "cpu_time_total"] if device.type == "cuda" \
+            else ["cpu_time_total"]
+        for key in keys:
+            print(f"-- {name} {label}, 5 calls, sorted by {key}")
+            print(prof.key_averages().table(sort_by=key, row_limit=14,
+                                            max_name_column_width=60))
 
 
 if __name__ == "__main__":
