@@ -44,9 +44,9 @@ def test_products_dense_diagonal(case, kind, option):
     P = H.shape[0]
     assert op.shape == (P, P) and op.dtype == case.dtype
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(P, generator=g, dtype=case.dtype)
-    V = torch.randn(P, 4, generator=g, dtype=case.dtype)
-    W = torch.randn(2, P, 3, generator=g, dtype=case.dtype)
+    v = torch.randn(P, generator=g, dtype=case.dtype).to(x.device)
+    V = torch.randn(P, 4, generator=g, dtype=case.dtype).to(x.device)
+    W = torch.randn(2, P, 3, generator=g, dtype=case.dtype).to(x.device)
     tol = {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(op @ v, H @ v, **tol)
     torch.testing.assert_close(op @ V, H @ V, **tol)
