@@ -17,6 +17,7 @@ loss summed over tokens, ``ignore_index`` for padding; see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -38,6 +39,7 @@ from curvop.curvature.interface import (
     HessianOperatorMixin,
 )
 from curvop.kfac import kron_hook
+from curvop.operators._products import HessianProducts
 
 __all__ = ["TorchGGN", "TorchEF", "TorchHessian"]
 
@@ -179,8 +181,29 @@ class TorchHessian(_TorchBase, HessianOperatorMixin, CurvatureInterface):
         self.low_rank = _checks.check_positive_int(low_rank, "low_rank")
 
     def _full(self, batch: Batch) -> Tensor:
-        return batch.materialise(batch.hvp_columns)
+        return batch.materialise(_hessian_columns(batch))
 
     def _diag(self, batch: Batch) -> Tensor:
         # The exact Hessian diagonal has no cheaper general form than P products
-        return batch.diagonal_by_columns(batch.hvp_columns)
+        return batch.diagonal_by_columns(_hessian_columns(batch))
+
+
+def _hessian_columns(batch: Batch) -> Callable[[Tensor], Tensor]:
+    """Hessian times rows of `(k, P)` matrices, for materialising.
+
+    Forward-over-reverse under ``vmap`` (:meth:`Batch.hvp_columns`); where a layer has no
+    forward-mode AD (cuDNN-off LSTM cells on CUDA, ``_thnn_fused_lstm_cell``), reverse-over-
+    reverse through one retained double-backward graph (:class:`HessianProducts`) from the
+    first failing chunk on.
+    """
+    reverse: list[HessianProducts] = []
+
+    def product(V: Tensor) -> Tensor:
+        if not reverse:
+            try:
+                return batch.hvp_columns(V)
+            except NotImplementedError:  # "Trying to use forward AD with ..."
+                reverse.append(HessianProducts(batch))
+        return reverse[0].matmat(V)
+
+    return product
