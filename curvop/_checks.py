@@ -164,7 +164,7 @@ def check_targets(y: object, batch_size: int, num_outputs: int, likelihood: Like
         if y.dim() != 1:
             raise InputError(f"`y` must have shape (batch,) for classification; "
                              f"got {tuple(y.shape)}")
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host synchronisation
         if lo < 0 or hi >= num_outputs:
             bad = lo if lo < 0 else hi
             raise InputError(

@@ -73,7 +73,9 @@ def _one(name: str, device: torch.device, with_profile: bool) -> None:
     if with_profile:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                          else [])
-        for stochastic in (False, True):
+        for stochastic, mode in ((False, "auto"), (False, "vmap"), (True, "auto")):
+            if mode == "vmap":
+                kfac_mod._column_block = lambda m, K: K
             iface = TorchGGN(model, p.likelihood, stochastic=stochastic)
             iface.kron(x, y, p.batch_size)
             with profile(activities=acts) as prof:
@@ -83,9 +85,10 @@ def _one(name: str, device: torch.device, with_profile: bool) -> None:
                     torch.cuda.synchronize(device)
             for key in ["cpu_time_total"] + (["self_cuda_time_total"]
                                              if device.type == "cuda" else []):
-                print(f"-- {name} kron{'[mc]' if stochastic else ''}, 5 calls, by {key}")
+                print(f"-- {name} kron{'[mc]' if stochastic else ''}[{mode}], 5 calls, by {key}")
                 print(prof.key_averages().table(sort_by=key, row_limit=25,
                                                 max_name_column_width=70))
+            kfac_mod._column_block = column_block
 
 
 if __name__ == "__main__":
