@@ -230,8 +230,14 @@ def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
             s.C = _gram(g_sum.reshape(K * n, G * d_out).mT, s.C)
 
 
-def _column_block(module: nn.Module, K: int) -> int:
-    """Columns backpropagated at once: all (vmap), or one at a time for conv/pooling nets."""
+def _column_block(module: nn.Module, K: int, device: torch.device) -> int:
+    """Columns backpropagated at once: all (vmap), or one at a time for conv/pooling nets on CPU.
+
+    Their batching rules copy operands, which costs more than the loop on one CPU thread; a GPU
+    is bound by kernel launches, which the loop multiplies by ``K``.
+    """
+    if device.type != "cpu":
+        return K
     looped = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
               nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._MaxUnpoolNd)
     return 1 if any(isinstance(m, looped) for m in module.modules()) else K
@@ -391,7 +397,7 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
             one = slice(0, 1)
             taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True,
                                  transposed=True)
-            block = _column_block(batch.fm.module, S.shape[-1])
+            block = _column_block(batch.fm.module, S.shape[-1], batch.sel.device)
             sizes[key] = (4 * batch.itemsize * sum(
                 t.a.numel() + t.g.numel() * block // S.shape[-1] for t in taps), block)
             del taps
