@@ -15,12 +15,13 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/curvop_gpu_out}
 mkdir -p "$OUT/results"
 PY=${PYTHON:-python3}
-# about 8 minutes in all, so that a 15-minute lease has room for the start and one rerun
-TESTS_S=${TESTS_S:-120}
-BENCH_S=${BENCH_S:-210}
+# at most about 8 minutes (about 4 on an H100), so that a 15-minute lease has room for the start and a rerun
+TESTS_S=${TESTS_S:-100}
+BENCH_S=${BENCH_S:-150}
 FULL_S=${FULL_S:-60}
-PROFILE_S=${PROFILE_S:-40}
-BENCH_PROBLEMS=${BENCH_PROBLEMS:-mlp cnn}
+PROFILE_S=${PROFILE_S:-60}
+PROBE_S=${PROBE_S:-80}
+BENCH_PROBLEMS=${BENCH_PROBLEMS:-mlp cnn mlp_layernorm transformer}
 BENCH_TASKS=${BENCH_TASKS:-baseline operator_build ggn_product matmat16 hvp ef_product \
 fisher_mc_product diag_ggn kfac_exact kfac_mc}
 DEVICE=${DEVICE:-cuda}
@@ -42,29 +43,34 @@ fi
 torch.cuda.get_device_name() if torch.cuda.is_available() else '-', \
 'linear_operator', lo.__version__, 'scipy', scipy.__version__)"
   "$PY" -c "import backpack, asdl, laplace, curvlinops; print('peers import')"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/log.txt"
 
-echo "== CUDA tests (every case parametrised on cuda, and the gpu marker), ${TESTS_S}s" | tee "$OUT/tests.txt"
+echo "== CUDA tests (every case parametrised on cuda, and the gpu marker), ${TESTS_S}s" | tee -a "$OUT/log.txt"
 timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -n 8 -x \
-  -k "cuda or gpu" -m "not montecarlo and not slow" tests 2>&1 | tail -40 | tee -a "$OUT/tests.txt"
-timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/tests.txt"
+  -k "cuda or gpu" -m "not montecarlo and not slow" -rfE --tb=short tests 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 
-echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | tee "$OUT/bench.txt"
+echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | tee -a "$OUT/log.txt"
 # in one process: each child would initialise CUDA again (seconds per entry); peak memory is
 # reset per entry by benchmarks.measure on CUDA, so it stays per entry
 # shellcheck disable=SC2086
 timeout "$BENCH_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
   --problems $BENCH_PROBLEMS --tasks $BENCH_TASKS --repeats 10 --budget 1 \
-  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.txt"
+  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
 
-echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee -a "$OUT/bench.txt"
+echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee -a "$OUT/log.txt"
 timeout "$FULL_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
   --problems cnn_small --tasks baseline full_ggn --repeats 3 --budget 1 \
-  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.txt"
+  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
 
 echo "== where a product's time goes (wall times and profiler tables), ${PROFILE_S}s" | tee "$OUT/profile.txt"
 timeout "$PROFILE_S" "$PY" -m benchmarks.gpu.profile_products --device "$DEVICE" \
   --problems $BENCH_PROBLEMS 2>&1 | grep -v -i -E "warn|USDT" >> "$OUT/profile.txt"
 grep "^==" "$OUT/profile.txt"
-rm -f "$OUT/results/README.md"  # rebuilt here; at most 8 files come back
+
+echo "== vmap or a loop over columns, per problem (products, kron), ${PROBE_S}s" | tee -a "$OUT/profile.txt"
+timeout "$PROBE_S" "$PY" -m benchmarks.gpu.probe_columns --device "$DEVICE" \
+  --problems cnn mlp transformer --profile cnn 2>&1 | grep -v -i -E "warn|USDT" >> "$OUT/profile.txt"
+grep -A9 "^== [a-z_]* on" "$OUT/profile.txt" | grep -v "^--"
+rm -f "$OUT/results/README.md"  # rebuilt here; at most 8 files come back (7 with 5 problems)
 ls -l "$OUT" "$OUT/results"
