@@ -42,7 +42,13 @@ def _git(*args: str) -> str:
 
 
 def _git_commit() -> str | None:
-    """Short commit of the repository, with ``+dirty`` if ``curvop/`` has local changes."""
+    """Short commit of the repository, with ``+dirty`` if ``curvop/`` has local changes.
+
+    ``CURVOP_COMMIT`` in the environment wins: a copy of the working tree on another machine
+    (the GPU session, see ``benchmarks/gpu/session.sh``) may carry no or a stale ``.git``.
+    """
+    if os.environ.get("CURVOP_COMMIT"):
+        return os.environ["CURVOP_COMMIT"]
     commit = _git("rev-parse", "--short", "HEAD")
     if commit and _git("status", "--porcelain", "--", "../curvop"):
         commit += "+dirty"
@@ -111,7 +117,8 @@ def _problem_section(payload: dict[str, Any]) -> list[str]:
         f"{'train' if info['training_mode'] else 'eval'} mode; modules: "
         f"{', '.join(m for m in info['modules'] if m not in ('Sequential',))}. "
         f"One forward+backward: {_num(base.get('median_ms'))} ms. "
-        f"Measured {machine['date']} at commit {machine.get('commit')}.",
+        f"Measured {machine['date']} at commit {machine.get('commit')} on "
+        f"{machine.get('gpu') or machine['cpu']} (torch {machine.get('torch')}).",
         "",
     ]
     checked = any("check_rel_err" in r or "check_error" in r for r in payload["results"])
@@ -203,8 +210,9 @@ def _summary(payloads: list[dict[str, Any]]) -> list[str]:
             curvop = (f"{_num(ref.get('median_ms'))} (`{ref['entry']}`)"
                       if ref.get("median_ms") is not None else ref.get("status", "–"))
             name = "quick " if payload.get("quick") else ""
+            dev = "" if payload["device"] == "cpu" else f" ({payload['machine'].get('gpu')})"
             lines.append(
-                f"| {name}{payload['problem']['name']} | {task} | {curvop} | "
+                f"| {name}{payload['problem']['name']}{dev} | {task} | {curvop} | "
                 f"{_num(ref.get('ratio_fwd_bwd'))} | "
                 f"{'`' + best['entry'] + '`' if best else '–'} | "
                 f"{_num(best.get('ratio_curvop')) if best else '–'} |"
@@ -233,6 +241,12 @@ def render_markdown(payloads: list[dict[str, Any]]) -> str:
         f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; torch threads {m['threads']}; Python {m['python']}; {m['platform']}.",
+        *[f"- Machine of the {p['device']} results: {p['machine']['cpu']}, "
+          f"{p['machine']['logical_cores']} logical cores, GPU {p['machine'].get('gpu')}; torch "
+          f"{p['machine'].get('torch')}; Python {p['machine']['python']}; "
+          f"{p['machine']['platform']}."
+          for p in {(q["device"], q["machine"].get("gpu")): q for q in payloads
+                    if q["device"] != payloads[0]["device"]}.values()],
         f"- Packages: {versions}.",
         f"- Settings: {payloads[0].get('settings')}.",
         "- **median ms**: median wall time of the timed calls after one warm-up call "

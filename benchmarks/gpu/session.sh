@@ -3,7 +3,8 @@
 # then the CUDA benchmarks, inside one call of at most 10 minutes. Results come back under $OUT.
 #
 # Here, first:   bash benchmarks/gpu/fetch_wheels.sh
-# Then:          run(command="bash benchmarks/gpu/session.sh", carry=[".whl"], timeout_s=600)
+# Then:          run(command="CURVOP_COMMIT=<git rev-parse --short HEAD here> bash
+#                benchmarks/gpu/session.sh", carry=[".whl"], timeout_s=600)
 # Afterwards:    copy the returned results/*.json into benchmarks/results/ and rebuild the table
 #                (python -m benchmarks.report benchmarks/results), name the card in the note.
 #
