@@ -168,8 +168,8 @@ def tap_layers(batch: Batch, S: Tensor, verified: set | None = None, *,
 
 
 def tap_layer_blocks(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor],
-                     verified: set | None, block: int, transposed: bool = False
-                     ) -> tuple[list[Tap], list[Unhandled], Iterator[None]]:
+                     verified: set | None, block: int, transposed: bool = False,
+                     fold: bool = False) -> tuple[list[Tap], list[Unhandled], Iterator[None]]:
     """:func:`tap_layers` with ``partial=True``, the columns of ``S`` backpropagated in blocks.
 
     ``batch`` may be a :class:`~curvop._functional.PendingBatch` with ``S`` a function of the
@@ -180,18 +180,59 @@ def tap_layer_blocks(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], 
     kept until the iterator is exhausted). ``block == 1`` backpropagates column by column
     instead of through ``is_grads_batched``, whose vmap falls back to a loop and a stacking
     copy for operations without a batching rule (convolution and pooling backward).
+
+    With ``fold`` (and ``block > 1``) the forward runs on ``block`` stacked copies of the
+    inputs, and each block of columns is one ordinary backward pass whose cotangent holds
+    column ``k`` in copy ``k``: the columns become samples, so every layer's backward is one
+    kernel over ``block`` times the batch (a GPU is bound by kernel launches, and the batching
+    rules of convolution and pooling backward loop over the columns). Samples are independent
+    (the curvatures here are sums over samples), so the copies do not interact. Models with a
+    tapped ``nn.MultiheadAttention`` are not folded.
     """
     taps, unhandled = plan_layers(batch, transposed)
     if not taps:
         return taps, unhandled, iter(())
-    passed, more = _tap(batch, S, taps, verified, strict=False, block=block)
+    passed, more = _tap(batch, S, taps, verified, strict=False, block=block, fold=fold)
     return [t for t in taps if id(t) not in passed], unhandled + [
         Unhandled(t.name, t.module, t.param_slots, passed[id(t)])
         for t in taps if id(t) in passed], more
 
 
-def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor, retain: bool) -> list[Tensor | None]:
-    """Gradients in ``outs`` of ``f`` for each cotangent in ``cols`` `(k, B, C)`, stacked."""
+class _FoldedColumns:
+    """Columns `(K, B, C)` for a forward on ``reps`` stacked copies of the batch.
+
+    Indexing with a slice of at most ``reps`` columns gives the cotangent of the stacked
+    outputs `(reps·B, C)`: column ``k`` of the slice in copy ``k``, zeros in the copies left.
+    """
+
+    def __init__(self, cols: Tensor, reps: int) -> None:
+        self.cols, self.reps = cols, reps
+
+    def __len__(self) -> int:
+        return len(self.cols)
+
+    def __getitem__(self, sl: slice) -> _FoldedColumns:
+        return _FoldedColumns(self.cols[sl], self.reps)
+
+    def stacked(self) -> Tensor:
+        k, B = self.cols.shape[:2]
+        out = self.cols.new_zeros(self.reps * B, *self.cols.shape[2:])
+        out[: k * B] = self.cols.reshape(k * B, *self.cols.shape[2:])
+        return out
+
+
+def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor | _FoldedColumns,
+              retain: bool) -> list[Tensor | None]:
+    """Gradients in ``outs`` of ``f`` for each cotangent in ``cols`` `(k, B, C)`, stacked.
+
+    Folded columns (:class:`_FoldedColumns`) take one ordinary backward pass through the
+    stacked copies; the gradients' copies are the columns.
+    """
+    if isinstance(cols, _FoldedColumns):
+        k, B = cols.cols.shape[:2]
+        gs = torch.autograd.grad(f, outs, cols.stacked(), retain_graph=retain,
+                                 allow_unused=True)
+        return [None if g is None else g[: k * B].unflatten(0, (k, B)) for g in gs]
     if len(cols) == 1:
         gs = torch.autograd.grad(f, outs, cols[0], retain_graph=retain, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in gs]
@@ -206,7 +247,7 @@ def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor, retain: bool) -> list
 
 
 def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], taps: list[Tap],
-         verified: set | None, strict: bool, block: int | None = None
+         verified: set | None, strict: bool, block: int | None = None, fold: bool = False
          ) -> tuple[dict[int, str], Iterator[None]]:
     """Fill ``a`` and ``g`` of ``taps``; the rejected ones (by ``id``) with the reason.
 
@@ -220,18 +261,21 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
     by_module = {id(t.module): t for t in taps}
     theta = [p.detach().requires_grad_() for p in batch.theta]
     calls: dict[int, int] = {}
+    attention = _attention_modules(batch.fm.module, by_module)
+    n = batch.x.shape[0]
+    reps = block if fold and block is not None and block > 1 and not attention else 1
+    x = batch.x if reps == 1 else batch.x.repeat(reps, *[1] * (batch.x.dim() - 1))
 
     def record(module: nn.Module, a: Tensor, output: Tensor) -> Tensor:
         tap = by_module[id(module)]
         calls[id(module)] = calls.get(id(module), 0) + 1
-        tap.a = tap.handler.inputs(module, a.detach())
+        tap.a = tap.handler.inputs(module, a.detach()[:n] if reps > 1 else a.detach())
         tap.out = output
         return output.clone()
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         return record(module, inputs[0], output)
 
-    attention = _attention_modules(batch.fm.module, by_module)
     inside = {id(m.out_proj) for m in attention}  # tapped through attention_forward
     handles = [t.module.register_forward_hook(hook) for t in taps
                if t.handler.kind == "hook" and id(t.module) not in inside]
@@ -240,15 +284,15 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
         with torch.enable_grad(), batch.guard() if pending else contextlib.nullcontext():
             if attention:
                 with _AttentionTaps(attention, by_module, record, handles):
-                    f_raw = batch.fm.forward(theta, batch.x)
+                    f_raw = batch.fm.forward(theta, x)
             else:
-                f_raw = batch.fm.forward(theta, batch.x)
+                f_raw = batch.fm.forward(theta, x)
     finally:
         for h in handles:
             h.remove()
     f = f_raw.flatten(1) if f_raw.dim() > 2 else f_raw  # as FunctionalModel.__call__
     if pending:  # this forward gives the batch its outputs, and S comes from them
-        S = S(batch.complete(f_raw))
+        S = S(batch.complete(f_raw[:n] if reps > 1 else f_raw))
         batch.S = S
     for t in taps:
         n_calls = calls.get(id(t.module), 0)
@@ -263,6 +307,8 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
     outs = [t.out for t in taps_ok]
     K = S.shape[-1]
     cols = S.permute(2, 0, 1)  # (K, B, C)
+    if reps > 1:  # columns as copies of the batch: zero cotangents for the unused copies
+        cols = _FoldedColumns(cols, reps)
     # the tapped layers are part of the structure: callers that tap Embedding layers
     # (``transposed=True``) and callers that do not share a cache without skipping a check
     key = (id(batch.fm.module), tuple(batch.sel.names), tuple(batch.x.shape[1:]),
@@ -272,9 +318,15 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
         if check:
             # a random cotangent, in the taps and the parameters, verifies the (a, g) picture
             gen = torch.Generator(f.device).manual_seed(0)
-            probe = torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype)
+            probe = torch.randn((n, *f.shape[1:]), generator=gen, device=f.device,
+                                dtype=f.dtype)
+            if reps > 1:  # in the first copy only
+                probe = torch.cat([probe, probe.new_zeros(f.shape[0] - n, *f.shape[1:])])
             checked = torch.autograd.grad(f, outs + theta, probe, retain_graph=True,
                                           allow_unused=True)
+            if reps > 1:
+                checked = tuple(c if c is None or i >= len(outs) else c[:n]
+                                for i, c in enumerate(checked))
         block = K if block is None else block
         gs = _backprop(f, outs, cols[:block], retain=block < K)
     for i, t in enumerate(taps_ok):

@@ -243,9 +243,20 @@ def _column_block(module: nn.Module, K: int, device: torch.device) -> int:
     return 1 if any(isinstance(m, looped) for m in module.modules()) else K
 
 
+def _fold_columns(device: torch.device) -> bool:
+    """Whether a block of columns is backpropagated as copies of the batch, not with vmap.
+
+    Yes on GPUs, where one backward over ``block`` times the batch is a few large kernels
+    instead of ``block`` small ones per layer (see :func:`curvop._taps.tap_layer_blocks`); no on
+    CPU, where the copies' extra forward passes cost flops that the loop does not.
+    """
+    return device.type != "cpu"
+
+
 def _tap_chunk(batch: Batch, S: Tensor, rows: slice, verified: set | None, block: int):
     """The taps of samples ``rows``, their output gradients in blocks of ``block`` columns."""
-    return tap_layer_blocks(_sub_batch(batch, rows), S[rows], verified, block, transposed=True)
+    return tap_layer_blocks(_sub_batch(batch, rows), S[rows], verified, block, transposed=True,
+                            fold=_fold_columns(batch.sel.device))
 
 
 def _add_chunk(taps: list[Tap], more, approx: str, sums: dict[str, _Sums]) -> None:
@@ -408,7 +419,8 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
     else:  # one chunk: the tapped forward completes the batch, and S comes from its outputs
         first = slice(0, B)
         taps, unhandled, more = tap_layer_blocks(pending, sqrt, verified, block,
-                                                 transposed=True)
+                                                 transposed=True,
+                                                 fold=_fold_columns(pending.sel.device))
         batch, S = pending.settled(sqrt)
     if unhandled and fallback is None:
         _raise_unhandled(unhandled, batch, owner)
