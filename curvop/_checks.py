@@ -312,13 +312,14 @@ def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
         InputError: Naming the first offending parameter.
     """
     named = [(n, p) for n, p in named_params if p.is_floating_point() or p.is_complex()]
-    # one summing pass per tensor and one host synchronisation per device and dtype (see
-    # `all_finite`); only a non-finite total sends us through the tensors one by one to name
-    # the offender
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for _, p in named:
-        groups.setdefault((p.device, p.dtype), []).append(p.detach().sum())
-    if all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in groups.values()):
+    if not named:
+        return
+    # the total L1 norm is non-finite if an entry is (see `all_finite`): one reduction per
+    # tensor (one fused kernel per device and dtype on GPUs, `_foreach_norm`) and one host
+    # synchronisation; only a non-finite total (or an overflow) sends us through the tensors
+    # one by one to name the offender
+    total = torch.nn.utils.get_total_norm([p.detach() for _, p in named], 1.0)
+    if bool(torch.isfinite(total)):
         return
     for name, p in named:
         if not torch.isfinite(p).all():
