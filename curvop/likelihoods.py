@@ -59,6 +59,22 @@ def softmax_hessian_sqrt(p: Tensor) -> Tensor:
     return q.unsqueeze(-1) * (E - v.unsqueeze(-1) * scale.unsqueeze(-2))
 
 
+def sample_categorical(p: Tensor, num_samples: int,
+                       generator: torch.Generator | None) -> Tensor:
+    """Labels `(N, num_samples)` drawn with replacement from the rows of ``p`` `(N, C)`.
+
+    The exponential race: ``argmax_c p_c / E_c`` with ``E_c ~ Exp(1)`` independent is ``c``
+    with probability ``p_c / Σ p``. This is what ``torch.multinomial`` itself does for one
+    sample (the same draws from the same generator), written here because ``multinomial``
+    checks its input with a host synchronisation on CUDA, and draws several samples with a
+    different algorithm; ``p`` comes from a softmax of checked outputs, so it is valid.
+    """
+    N, C = p.shape
+    q = torch.empty(N, num_samples, C, dtype=p.dtype, device=p.device).exponential_(
+        generator=generator)
+    return (p.unsqueeze(1) / q).argmax(-1)
+
+
 class Likelihood(enum.Enum):
     """The two supported likelihoods; ``Likelihood('classification')`` parses the user string."""
 
@@ -151,7 +167,7 @@ class Likelihood(enum.Enum):
         fd = f.detach().to(sample_device)
         if self is Likelihood.CLASSIFICATION:
             p = torch.softmax(fd, dim=-1)
-            labels = torch.multinomial(p, num_samples, replacement=True, generator=generator)
+            labels = sample_categorical(p, num_samples, generator)
             onehot = torch.nn.functional.one_hot(labels, C).to(p.dtype)  # (B, K, C)
             g = p.unsqueeze(1) - onehot
         else:
@@ -259,8 +275,8 @@ class TokenClassification:
         sample_device = generator.device if generator is not None else f.device
         p = torch.softmax(self._tokens(f.detach().to(sample_device)), dim=-1)  # (B, T, C)
         T, C = p.shape[1], self.classes
-        labels = torch.multinomial(p.reshape(B * T, C), num_samples, replacement=True,
-                                   generator=generator).reshape(B, T, num_samples)
+        labels = sample_categorical(p.reshape(B * T, C), num_samples,
+                                    generator).reshape(B, T, num_samples)
         onehot = torch.nn.functional.one_hot(labels, C).to(p.dtype)  # (B, T, K, C)
         g = (p.unsqueeze(2) - onehot).to(f.device) / math.sqrt(num_samples)
         if y is not None:

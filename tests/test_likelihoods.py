@@ -44,3 +44,20 @@ def test_token_sqrt_is_block_diagonal_with_ignored_tokens_zero():
     for t in range(T):
         dense[:, t * C:(t + 1) * C, t * C:(t + 1) * C] = blocks[:, t]
     torch.testing.assert_close(S @ S.mT, dense, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_categorical_is_multinomial_for_one_sample_and_unbiased_for_several(dtype):
+    from curvop.likelihoods import sample_categorical
+
+    p = torch.softmax(torch.randn(50, 6, dtype=dtype, generator=torch.Generator().manual_seed(1)),
+                      -1)
+    got = sample_categorical(p, 1, torch.Generator().manual_seed(3))
+    want = torch.multinomial(p, 1, replacement=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    q = torch.tensor([[0.05, 0.15, 0.0, 0.8]], dtype=dtype)
+    labels = sample_categorical(q, 40000, torch.Generator().manual_seed(0))
+    assert labels.shape == (1, 40000)
+    freq = torch.bincount(labels[0], minlength=4).double() / 40000
+    assert freq[2] == 0  # a zero-probability class is never drawn
+    torch.testing.assert_close(freq, q[0].double(), rtol=0, atol=0.01)  # 5 sigma is < 0.01
