@@ -40,6 +40,7 @@ def main() -> None:
 def _one(name: str, device: torch.device, with_profile: bool) -> None:
     """Time (and profile) one problem."""
     friendly, column_block = products_mod._batch_friendly, kfac_mod._column_block
+    fold_columns = kfac_mod._fold_columns
     p = make_problem(name, device=device)
     model, x, y = p.model, p.x, p.y
     lossfunc = p.lossfunc()
@@ -52,13 +53,17 @@ def _one(name: str, device: torch.device, with_profile: bool) -> None:
     row = [f"== {name} on {device}: fwd+bwd {base:.3f} ms"]
     V = torch.randn(p.num_params, 16, device=device)
     # every mode twice, the first round a warm-up: the mode timed first pays for it otherwise
-    for rnd, mode in [(r, m) for r in range(2) for m in ("auto", "vmap", "loop")]:
+    # kron: "fold" backpropagates the columns as copies of the batch, "vmap" with
+    # is_grads_batched, "loop" one by one; products know "vmap" and "loop" ("fold" = "vmap")
+    for rnd, mode in [(r, m) for r in range(2) for m in ("auto", "fold", "vmap", "loop")]:
         if rnd == 1 and mode == "auto":
             del row[1:]
-        products_mod._batch_friendly = {"auto": friendly, "vmap": lambda out: True,
-                                        "loop": lambda out: False}[mode]
-        kfac_mod._column_block = {"auto": column_block, "vmap": lambda m, K, dev: K,
-                                  "loop": lambda m, K, dev: 1}[mode]
+        products_mod._batch_friendly = {"auto": friendly, "loop": lambda out: False}.get(
+            mode, lambda out: True)
+        kfac_mod._column_block = {"auto": column_block, "loop": lambda m, K, dev: 1}.get(
+            mode, lambda m, K, dev: K)
+        kfac_mod._fold_columns = {"auto": fold_columns, "fold": lambda dev: True}.get(
+            mode, lambda dev: False)
         kfac_mod._SAMPLE_BYTES.clear()  # the block is remembered per model with the sizes
         try:
             _, op = TorchGGN(model, p.likelihood).full_operator(x, y)
@@ -73,14 +78,13 @@ def _one(name: str, device: torch.device, with_profile: bool) -> None:
             row.append(f"{mode}: {type(err).__name__}: {str(err)[:200]}")
         finally:
             products_mod._batch_friendly, kfac_mod._column_block = friendly, column_block
+            kfac_mod._fold_columns = fold_columns
             kfac_mod._SAMPLE_BYTES.clear()
     print("\n   ".join(row), flush=True)
     if with_profile:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                          else [])
-        for stochastic, mode in ((False, "auto"), (False, "vmap"), (True, "auto")):
-            if mode == "vmap":
-                kfac_mod._column_block = lambda m, K, dev: K
+        for stochastic, mode in ((False, "auto"), (True, "auto")):
             kfac_mod._SAMPLE_BYTES.clear()
             iface = TorchGGN(model, p.likelihood, stochastic=stochastic)
             iface.kron(x, y, p.batch_size)
