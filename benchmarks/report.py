@@ -311,3 +311,9 @@ def write_readme(out: Path) -> Path:
     readme = Path(out) / "README.md"
     readme.write_text(render_markdown(payloads))
     return readme
+
+
+if __name__ == "__main__":  # python -m benchmarks.report [DIR]: rebuild DIR/README.md
+    import sys
+
+    print(write_readme(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"))
