@@ -16,56 +16,80 @@ from torch import nn
 __all__ = ["model_guard", "ModelSnapshot"]
 
 
-def _hook_dicts(module: nn.Module) -> dict[str, dict]:
-    return {
-        k: v for k, v in vars(module).items()
-        if "hooks" in k and isinstance(v, dict)
-    }
+def _hook_names(attrs: dict) -> list[str]:
+    """Names of the hook dictionaries among a module's attributes (torch's and backends')."""
+    return [k for k in attrs if "hooks" in k and isinstance(attrs[k], dict)]
 
 
 class ModelSnapshot:
-    """What :func:`model_guard` records: hooks, attributes, modes, grads, flags and buffers."""
+    """What :func:`model_guard` records: hooks, attributes, modes, grads, flags and buffers.
+
+    Taken and restored around every call of every method, so both are kept to plain dict and
+    list operations: a module's attributes are one ``dict.copy``, a hook dictionary's keys are
+    kept only where it has any, and unchanged things are skipped by identity.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
-        self.attrs = [dict(vars(m)) for m in self.modules]
-        self.hooks = [{k: set(d) for k, d in _hook_dicts(m).items()} for m in self.modules]
+        self.attrs = [m.__dict__.copy() for m in self.modules]
+        self.hook_names = [_hook_names(a) for a in self.attrs]
+        self.hooks = [{k: set(a[k]) for k in names if a[k]}
+                      for a, names in zip(self.attrs, self.hook_names)]
         self.training = [m.training for m in self.modules]
-        self.params = list({id(p): p for p in model.parameters(recurse=True)}.values())
-        self.param_attrs = [set(vars(p)) for p in self.params]
+        params = {id(p): p for mod in self.modules for p in mod._parameters.values()
+                  if p is not None}  # what model.parameters() gives, without its traversal
+        self.params = list(params.values())
+        self.param_attrs = [p.__dict__.copy() if p.__dict__ else None for p in self.params]
         self.grads = [p.grad for p in self.params]
         self.grad_values = [None if g is None else g.detach().clone() for g in self.grads]
+        # an in-place write bumps a tensor's version: unchanged grads need no copy back
+        self.grad_versions = [None if g is None else g._version for g in self.grads]
         self.requires_grad = [p.requires_grad for p in self.params]
-        self.buffers = [(m, k, b, b.detach().clone()) for m in self.modules
+        self.buffers = [(m, k, b, b.detach().clone()) for m in self.modules if m._buffers
                         for k, b in m._buffers.items() if b is not None]
 
     def restore(self) -> None:
         """Undo every change made since the snapshot."""
-        for m, attrs, hooks, training in zip(self.modules, self.attrs, self.hooks, self.training):
-            for k, d in _hook_dicts(m).items():
-                keep = hooks.get(k, set())
-                for hk in [h for h in d if h not in keep]:
-                    del d[hk]
-            now = vars(m)
-            for k in [k for k in now if k not in attrs]:
-                delattr(m, k)
+        for m, attrs, names, hooks, training in zip(self.modules, self.attrs, self.hook_names,
+                                                    self.hooks, self.training):
+            now = m.__dict__
+            for k in _hook_names(now) if now.keys() != attrs.keys() else names:
+                d = now[k]
+                if not d:  # nothing was added (removed hooks cannot be put back anyway)
+                    continue
+                keep = hooks.get(k)
+                if keep is None:
+                    d.clear()
+                elif len(d) != len(keep) or any(h not in keep for h in d):
+                    for hk in [h for h in d if h not in keep]:
+                        del d[hk]
+            if now.keys() != attrs.keys():
+                for k in [k for k in now if k not in attrs]:
+                    delattr(m, k)
             for k, v in attrs.items():  # values rebound in place (e.g. hook flags)
                 if now.get(k) is not v:
                     now[k] = v
             if m.training is not training:
                 m.training = training
-        for p, attrs, g, gv, rg in zip(self.params, self.param_attrs, self.grads,
-                                       self.grad_values, self.requires_grad):
-            for k in [k for k in vars(p) if k not in attrs]:
-                delattr(p, k)
+        for p, attrs, g, gv, version, rg in zip(self.params, self.param_attrs, self.grads,
+                                                self.grad_values, self.grad_versions,
+                                                self.requires_grad):
+            if p.__dict__ or attrs:
+                for k in [k for k in p.__dict__ if attrs is None or k not in attrs]:
+                    delattr(p, k)
             if p.requires_grad is not rg:
                 p.requires_grad_(rg)
             if g is None:
-                p.grad = None
+                if p.grad is not None:
+                    p.grad = None
             else:
-                with torch.no_grad():
-                    g.copy_(gv)
-                p.grad = g
+                if g._version != version:
+                    with torch.no_grad():
+                        g.copy_(gv)
+                if p.grad is not g:
+                    p.grad = g
+        if not self.buffers:
+            return
         with torch.no_grad():
             for m, k, b, value in self.buffers:
                 if m._buffers.get(k) is not b:

@@ -32,6 +32,29 @@ def test_guard_restores_everything_on_error():
     # the conftest fixture checks hooks, attributes, grads and buffers
 
 
+def test_guard_keeps_the_users_hooks_and_grads_and_removes_only_what_was_added():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+    calls = []
+    net[0].register_forward_hook(lambda *a: calls.append(1))
+    net[1].register_forward_pre_hook(lambda *a: None)
+    grad = torch.full_like(net[0].bias, 2.0)
+    net[0].bias.grad = grad
+    before = dict(net[0]._forward_hooks)
+    register(net)  # the conftest fixture compares the end state with this one
+    with model_guard(net):
+        net[0].register_forward_hook(lambda *a: None)
+        net[0].register_forward_pre_hook(lambda *a, **k: None, with_kwargs=True)
+        net[1].register_forward_hook(lambda *a: None)
+        net[0].bias.grad = torch.zeros(4)  # a new tensor: the user's comes back, untouched
+        net[0].weight.grad = torch.zeros(4, 3)
+    assert dict(net[0]._forward_hooks) == before and not net[0]._forward_pre_hooks
+    assert len(net[1]._forward_pre_hooks) == 1 and not net[1]._forward_hooks
+    assert net[0].bias.grad is grad and torch.equal(grad, torch.full_like(grad, 2.0))
+    assert net[0].weight.grad is None
+    net(torch.randn(2, 3))
+    assert calls == [1]
+
+
 def test_train_mode_batchnorm_is_a_clear_error():
     case = Case("batchnorm_mlp", "regression")
     model, x, y = case.build()
