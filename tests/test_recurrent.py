@@ -26,6 +26,20 @@ class RecurrentNet(nn.Module):
 KINDS = {"ggn": curvop.TorchGGN, "ef": curvop.TorchEF, "hessian": curvop.TorchHessian}
 
 
+def _full_diag_and_products_match_dense(kind, model, x, y, likelihood):
+    """full, diag and products with one vector and three of the operator: the dense reference."""
+    iface = KINDS[kind](model, likelihood)
+    H = ref.CURVATURES[kind](model, x, y, likelihood)
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(iface.full(x, y)[1], H, **tol)
+    torch.testing.assert_close(iface.diag(x, y)[1], H.diagonal(), **tol)
+    _, op = iface.full_operator(x, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, H @ V, **tol)
+    torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], **tol)
+    return iface, tol
+
+
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -35,14 +49,7 @@ def test_recurrent_every_method(kind, cell, likelihood):
     x = torch.randn(4, 12, dtype=torch.float64)
     y = (torch.randint(0, 2, (4,)) if likelihood == "classification"
          else torch.randn(4, 2, dtype=torch.float64))
-    iface = KINDS[kind](model, likelihood)
-    H = ref.CURVATURES[kind](model, x, y, likelihood)
-    tol = {"rtol": 1e-10, "atol": 1e-12}
-    torch.testing.assert_close(iface.full(x, y)[1], H, **tol)
-    torch.testing.assert_close(iface.diag(x, y)[1], H.diagonal(), **tol)
-    _, op = iface.full_operator(x, y)
-    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
-    torch.testing.assert_close(op @ V, H @ V, **tol)
+    iface, tol = _full_diag_and_products_match_dense(kind, model, x, y, likelihood)
     J, f = ref.jacobians(model, x)
     torch.testing.assert_close(iface.jacobians(x)[0], J.transpose(1, 2), **tol)
     torch.testing.assert_close(iface.gradients(x, y)[1], ref.gradients(model, x, y, likelihood),
@@ -88,15 +95,7 @@ def test_layer_without_forward_mode_ad_every_method(kind, likelihood):
         torch.func.jvp(model, (x,), (x,))
     y = (torch.randint(0, 3, (6,)) if likelihood == "classification"
          else torch.randn(6, 3, dtype=torch.float64))
-    iface = KINDS[kind](model, likelihood)
-    H = ref.CURVATURES[kind](model, x, y, likelihood)
-    tol = {"rtol": 1e-10, "atol": 1e-12}
-    torch.testing.assert_close(iface.full(x, y)[1], H, **tol)
-    torch.testing.assert_close(iface.diag(x, y)[1], H.diagonal(), **tol)
-    _, op = iface.full_operator(x, y)
-    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
-    torch.testing.assert_close(op @ V, H @ V, **tol)
-    torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], **tol)
+    iface, _ = _full_diag_and_products_match_dense(kind, model, x, y, likelihood)
     if kind != "hessian":
         K = iface.kron(x, y, 6, fallback="diag")
         assert K is not None

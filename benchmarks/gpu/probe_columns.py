@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import curvop.kfac as kfac_mod
 import curvop.operators._products as products_mod
+from benchmarks.competitors import _baseline
 from benchmarks.gpu.profile_products import _median_ms
 from benchmarks.problems import make_problem
 from curvop import TorchGGN
@@ -43,11 +44,7 @@ def _one(name: str, device: torch.device, with_profile: bool) -> None:
     fold_columns = kfac_mod._fold_columns
     p = make_problem(name, device=device)
     model, x, y = p.model, p.x, p.y
-    lossfunc = p.lossfunc()
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        lossfunc(model(x), y).backward()
+    fwd_bwd = _baseline(p)  # the suite's own forward + backward of the summed loss
 
     base = _median_ms(fwd_bwd, device)
     row = [f"== {name} on {device}: fwd+bwd {base:.3f} ms"]

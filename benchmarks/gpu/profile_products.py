@@ -18,6 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.competitors import _baseline
 from benchmarks.problems import make_problem
 from curvop import TorchGGN
 
@@ -57,11 +58,7 @@ def _one(name: str, device: torch.device, activities: list) -> None:
     """Time and profile one problem."""
     problem = make_problem(name, device=device)
     model, x, y = problem.model, problem.x, problem.y
-    lossfunc = problem.lossfunc()
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        lossfunc(model(x), y).backward()
+    fwd_bwd = _baseline(problem)  # the suite's own forward + backward of the summed loss
 
     iface = TorchGGN(model, problem.likelihood)
     _, op = iface.full_operator(x, y)
