@@ -409,8 +409,12 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
             taps, _ = tap_layers(_sub_batch(batch, one), S[one], verified, partial=True,
                                  transposed=True)
             block = _column_block(batch.fm.module, S.shape[-1], batch.sel.device)
+            # folded columns also hold ``block`` copies of the forward's activations, about
+            # as large as the block's output gradients at the taps
+            g_copies = 2 if block > 1 and _fold_columns(batch.sel.device) else 1
             sizes[key] = (4 * batch.itemsize * sum(
-                t.a.numel() + t.g.numel() * block // S.shape[-1] for t in taps), block)
+                t.a.numel() + g_copies * t.g.numel() * block // S.shape[-1] for t in taps),
+                block)
             del taps
     per_sample, block = sizes[key]
     if pending is None:
