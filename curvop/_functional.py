@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from curvop._kernels import differentiable_kernels, has_rnn
+from curvop._kernels import differentiable_kernels
 from curvop.likelihoods import Likelihood, TokenClassification
 from curvop.params import ParameterSelection
 
@@ -38,17 +38,33 @@ class FunctionalModel:
         self.module = module
         self.selection = selection
         live = set(selection.names)
-        fixed = {n: p.detach() for n, p in module.named_parameters() if n not in live}
-        # clones: a train-mode BatchNorm updates the buffers it is given, not the user's
-        fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
+        # One walk in the order of `named_parameters` / `named_buffers` (modules once, each
+        # tensor under its first name). `fixed`: the tensors that are not live, buffers cloned
+        # (a train-mode BatchNorm updates the buffers it is given, not the user's). `slots`:
+        # every slot of a module's `_parameters` / `_buffers` dict that holds a tensor, with the
+        # name whose value it takes during `forward`: a tensor registered twice (tied weights)
+        # fills two slots, a module registered twice has its slots once.
+        fixed: dict[str, Tensor] = {}
+        name_of: dict[int, str] = {}
+        slots: list[tuple[dict, str, str]] = []
+        rnn = False
+        for prefix, m in module.named_modules():
+            rnn = rnn or isinstance(m, nn.RNNBase)
+            for d, buffers in ((m._parameters, False), (m._buffers, True)):
+                for k, t in d.items():
+                    if t is None:
+                        continue
+                    n = name_of.get(id(t))
+                    if n is None:
+                        n = name_of[id(t)] = f"{prefix}.{k}" if prefix else k
+                        if buffers:
+                            fixed[n] = t.detach().clone()
+                        elif n not in live:
+                            fixed[n] = t.detach()
+                    slots.append((d, k, n))
         self.fixed = fixed
-        # torch's functional_call does not restore a module registered under two names
-        # (nn.Sequential(shared, act, shared)): such modules are restored here
-        seen: dict[int, int] = {}
-        for _, m in module.named_modules(remove_duplicate=False):
-            seen[id(m)] = seen.get(id(m), 0) + 1
-        self._shared = [m for m in module.modules() if seen[id(m)] > 1]
-        self._rnn = has_rnn(module)
+        self._slots = slots
+        self._rnn = rnn
 
     def __call__(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
         """Output `(B, C)` of the module at parameters ``theta`` on inputs ``x``.
@@ -66,25 +82,31 @@ class FunctionalModel:
         :func:`~curvop._kernels.differentiable_kernels`: fused kernels without the derivatives
         curvop takes (fused attention, the MHA fast path, cuDNN RNNs) are swapped for composite
         ones, and the user's settings are restored on return.
+
+        The tensors are swapped into the modules' parameter and buffer dicts for the call and
+        the user's put back afterwards, which is what ``torch.func.functional_call`` does;
+        written here because its name resolution and weight-tying analysis on every call cost
+        more than a small model's forward pass (140 us against 150 us for a 3-layer MLP on one
+        CPU thread), and it does not restore a module registered under two names.
         """
-        params = dict(self.fixed)
-        params.update(zip(self.selection.names, theta))
+        values = dict(self.fixed)
+        values.update(zip(self.selection.names, theta))
+        slots = self._slots
+        saved = [d[k] for d, k, _ in slots]
         with differentiable_kernels(self._rnn):
-            if not self._shared:
-                return functional_call(self.module, params, (x,))
-            saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._shared]
             try:
-                return functional_call(self.module, params, (x,))
+                for d, k, n in slots:
+                    d[k] = values[n]
+                return self.module(x)
             finally:
-                for m, ps, bs in saved:
-                    m._parameters.update(ps)
-                    m._buffers.update(bs)
+                for (d, k, _), t in zip(slots, saved):
+                    d[k] = t
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None
            ) -> FunctionalModel:
         """A copy whose fixed tensors are cast (floating ones only); the module is shared."""
         new = object.__new__(FunctionalModel)
-        new.module, new.selection, new._shared = self.module, self.selection, self._shared
+        new.module, new.selection, new._slots = self.module, self.selection, self._slots
         new._rnn = self._rnn
         new.fixed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                      for k, v in self.fixed.items()}

@@ -448,21 +448,25 @@ def test_kernels_swapped_inside_and_restored_after_errors(name):
         assert settings() == before
 
 
-def test_failure_inside_functional_call_restores(monkeypatch):
-    import curvop._functional as functional
-
+def test_failure_inside_the_functional_forward_restores(monkeypatch):
+    """A forward that raises leaves the kernel settings and the model's own tensors in place."""
     model, x, y, likelihood = build("encoder")
+    own = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
     def broken(*args, **kwargs):
         assert not torch.backends.mha.get_fastpath_enabled()
+        # the forward sees curvop's tensors in place of the user's
+        assert all(t is not own[n] for n, t in model.named_parameters())
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(functional, "functional_call", broken)
+    monkeypatch.setattr(model, "forward", broken)
     before = settings()
     for kind in KINDS:
         with pytest.raises(RuntimeError, match="boom"):
             KINDS[kind](model, likelihood).diag(x, y)
         assert settings() == before
+        now = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        assert now.keys() == own.keys() and all(now[n] is own[n] for n in own)
 
 
 def test_user_settings_are_restored_not_reset():
