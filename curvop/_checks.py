@@ -7,6 +7,7 @@ Each checker names the argument, what was expected and what came. They raise the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -48,7 +49,11 @@ def all_finite(t: Tensor) -> bool:
     """
     if not (t.is_floating_point() or t.is_complex()):
         return True
-    return bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
+    total = t.detach().sum()
+    # `math.isfinite(float(.))` reads the scalar once, without isfinite's four kernels
+    finite = math.isfinite(float(total)) if t.is_floating_point() else bool(
+        torch.isfinite(total))
+    return finite or bool(torch.isfinite(t).all())
 
 
 def check_likelihood(likelihood: object) -> Likelihood:
@@ -318,8 +323,14 @@ def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
     # tensor (one fused kernel per device and dtype on GPUs, `_foreach_norm`) and one host
     # synchronisation; only a non-finite total (or an overflow) sends us through the tensors
     # one by one to name the offender
-    total = torch.nn.utils.get_total_norm([p.detach() for _, p in named], 1.0)
-    if bool(torch.isfinite(total)):
+    tensors = [p.detach() for _, p in named]
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        # the common case without `get_total_norm`'s grouping by device and dtype
+        total = torch.stack(torch._foreach_norm(tensors, 1.0)).sum()
+    else:
+        total = torch.nn.utils.get_total_norm(tensors, 1.0)
+    if math.isfinite(float(total.real)):
         return
     for name, p in named:
         if not torch.isfinite(p).all():

@@ -75,6 +75,16 @@ def sample_categorical(p: Tensor, num_samples: int,
     return (p.unsqueeze(1) / q).argmax(-1)
 
 
+def one_hot(labels: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot(labels, classes).to(dtype)`` for labels known to lie in ``[0, classes)``.
+
+    ``F.one_hot`` checks the labels' range with a host synchronisation on CUDA; the labels here
+    are checked targets or draws from the model's predictive, so a comparison with
+    ``arange(classes)`` (one kernel, no synchronisation) gives the same matrix.
+    """
+    return (labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)).to(dtype)
+
+
 class Likelihood(enum.Enum):
     """The two supported likelihoods; ``Likelihood('classification')`` parses the user string."""
 
@@ -148,7 +158,7 @@ class Likelihood(enum.Enum):
         if self is Likelihood.REGRESSION:
             return f - y
         p = torch.softmax(f, dim=-1)
-        return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype)
+        return p - one_hot(y, f.shape[-1], f.dtype)
 
     def sampled_sqrt_output_hessian(
         self, f: Tensor, num_samples: int, generator: torch.Generator | None,
@@ -168,7 +178,7 @@ class Likelihood(enum.Enum):
         if self is Likelihood.CLASSIFICATION:
             p = torch.softmax(fd, dim=-1)
             labels = sample_categorical(p, num_samples, generator)
-            onehot = torch.nn.functional.one_hot(labels, C).to(p.dtype)  # (B, K, C)
+            onehot = one_hot(labels, C, p.dtype)  # (B, K, C)
             g = p.unsqueeze(1) - onehot
         else:
             g = -torch.randn(
@@ -231,7 +241,7 @@ class TokenClassification:
         """``p_t - onehot(y_t)`` per counted token, zero for ignored ones: `(B, T·C)`."""
         p = torch.softmax(self._tokens(f), dim=-1)
         labels = torch.where(y == self.ignore_index, 0, y)
-        g = p - torch.nn.functional.one_hot(labels, self.classes).to(p.dtype)
+        g = p - one_hot(labels, self.classes, p.dtype)
         return (g * self._mask(y, p)).flatten(-2)
 
     def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
@@ -277,7 +287,7 @@ class TokenClassification:
         T, C = p.shape[1], self.classes
         labels = sample_categorical(p.reshape(B * T, C), num_samples,
                                     generator).reshape(B, T, num_samples)
-        onehot = torch.nn.functional.one_hot(labels, C).to(p.dtype)  # (B, T, K, C)
+        onehot = one_hot(labels, C, p.dtype)  # (B, T, K, C)
         g = (p.unsqueeze(2) - onehot).to(f.device) / math.sqrt(num_samples)
         if y is not None:
             g = g * self._mask(y, f).unsqueeze(-1)
