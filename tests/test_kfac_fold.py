@@ -126,3 +126,24 @@ def test_attention_is_not_folded_and_still_exact(folded):
         K2 = iface.kron(x, y, N=4, fallback="diag")[1]
     assert_kfacs(K1.kfacs, K2.kfacs)
     assert folded["n"] == 0
+
+
+def test_default_working_budget_follows_the_device(monkeypatch):
+    """256 MiB on the CPU; a thirty-second of a GPU's memory (at least 256 MiB); a given
+    ``memory_budget`` on every device. Larger chunks on a GPU: fewer launches of each kernel."""
+    from types import SimpleNamespace
+
+    model, _, _ = build("mlp")
+    default = curvop.TorchGGN(model, "classification")
+    given = curvop.TorchGGN(model, "classification", memory_budget=12345)
+    assert default.memory_budget is None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert default._working_budget(cpu) == 256 * 2**20
+    for total, expected in ((80 * 10**9, 80 * 10**9 // 32), (4 * 2**30, 256 * 2**20)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, t=total: SimpleNamespace(total_memory=t))
+        assert default._working_budget(cuda) == expected
+        assert given._working_budget(cuda) == 12345
+    assert given._working_budget(cpu) == 12345
+    with pytest.raises(curvop.errors.InputError, match="memory_budget"):
+        curvop.TorchGGN(model, "classification", memory_budget=0)

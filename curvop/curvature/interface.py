@@ -47,7 +47,8 @@ class CurvatureInterface:
         last_layer: Only the last layer's parameters (wraps ``model`` in a FeatureExtractor).
         subnetwork_indices: Optional 1-D ``LongTensor`` of unique indices into the selected
             parameter vector (``model.parameters()`` order, trainable only, row-major).
-        memory_budget: Working memory in bytes for chunked computations (default 256 MiB).
+        memory_budget: Working memory in bytes for chunked computations (default: 256 MiB on
+            the CPU, a thirty-second of the GPU's memory on CUDA, at least 256 MiB).
         max_bytes: Largest result a materialisation may allocate; default the free memory of
             the model's device.
         ignore_index: For token-level classification (outputs `(B, T, C)`, labels `(B, T)`):
@@ -93,7 +94,7 @@ class CurvatureInterface:
         last_layer: bool = False,
         subnetwork_indices: Tensor | None = None,
         *,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
         max_bytes: int | None = None,
         ignore_index: int = -100,
     ) -> None:
@@ -111,7 +112,8 @@ class CurvatureInterface:
         if isinstance(self.lossfunc, nn.CrossEntropyLoss):
             self.lossfunc.ignore_index = self.ignore_index
         self.factor = self._likelihood.factor
-        self.memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
+        self.memory_budget = None if memory_budget is None else _checks.check_positive_int(
+            memory_budget, "memory_budget")
         self.max_bytes = None if max_bytes is None else _checks.check_positive_int(
             max_bytes, "max_bytes")
         self.subnetwork_indices = _checks.check_subnetwork_indices(
@@ -157,7 +159,7 @@ class CurvatureInterface:
                     x = self.model.forward_with_features(x)[1].detach()
         fm = FunctionalModel(self._param_module, sel)
         pending = PendingBatch(fm, x, lambda f: self._finish_batch(fm, x, y, f),
-                               self.memory_budget,
+                               self._working_budget(sel.device),
                                lambda: _checks.forbid_randomness(sel.device))
         return pending if defer else pending.forward_without_graph()
 
@@ -168,7 +170,7 @@ class CurvatureInterface:
         if f.dim() == 2:
             if y is not None:
                 y = _checks.check_targets(y, x.shape[0], f.shape[1], self._likelihood)
-            return Batch(fm, x, y, f, self._likelihood, self.memory_budget)
+            return Batch(fm, x, y, f, self._likelihood, self._working_budget(f.device))
         if not self.supports_sequence_outputs:
             raise NotSupportedError(
                 f"{type(self).__name__} does not support token-level outputs (batch, seq, "
@@ -179,7 +181,24 @@ class CurvatureInterface:
                                                self.ignore_index)
         likelihood = (TokenClassification(C, self.ignore_index)
                       if self._likelihood is Likelihood.CLASSIFICATION else self._likelihood)
-        return Batch(fm, x, y, f.flatten(1), likelihood, self.memory_budget, (T, C))
+        return Batch(fm, x, y, f.flatten(1), likelihood, self._working_budget(f.device),
+                     (T, C))
+
+    def _working_budget(self, device: torch.device) -> int:
+        """The working memory of chunked computations on ``device``, in bytes.
+
+        ``memory_budget`` where given; otherwise 256 MiB on the CPU and a thirty-second of the
+        device's memory on a GPU (at least 256 MiB: 2.5 GiB on an 80 GB H100). A GPU is bound
+        by kernel launches, which every further chunk repeats: the CNN's KFAC took five chunks
+        of 256 MiB, three times the kernels of one. The total, not the free memory, keeps the
+        chunks (and so the rounding) the same from call to call.
+        """
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            return max(DEFAULT_MEMORY_BUDGET, total // 32)
+        return DEFAULT_MEMORY_BUDGET
 
     def _check_result(self, shape: tuple[int, ...], sel: ParameterSelection, what: str) -> None:
         _checks.check_fits(shape, sel.dtype, sel.device, what, self.max_bytes)

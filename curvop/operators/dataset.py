@@ -93,7 +93,8 @@ class DatasetLinearOperator(_CheckedMatmul, LinearOperator):
             entry = {"fp": _fingerprint(x, y), "S": getattr(op, "_S", None), "op": op}
             loss = loss + batch_loss
             used += x.numel() * x.element_size() * 8
-            keep = self._cache if self._cache is not None else used <= self._iface.memory_budget
+            keep = (self._cache if self._cache is not None
+                    else used <= self._iface._working_budget(x.device))
             if not keep:
                 entry["op"] = None
             self._batches.append(entry)
