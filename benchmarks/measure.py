@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESULT_DEFAULTS", "fork_context", "measure_entry", "other_load", "run_isolated",
-           "time_thunk"]
+__all__ = ["RESULT_DEFAULTS", "fork_context", "measure_entry", "measure_interleaved", "other_load",
+           "run_isolated", "time_thunk"]
 
 RESULT_DEFAULTS: dict[str, Any] = {
     "status": "error", "median_ms": None, "min_ms": None, "times_ms": [], "warmup_ms": None,
@@ -132,7 +132,7 @@ def time_thunk(
     Args:
         thunk: The zero-argument call to time; its result is discarded.
         device: Device to synchronise before and after each call.
-        repeats: Largest number of timed calls.
+        repeats: Largest number of timed calls (0: the warm-up call only).
         budget_s: Time budget of the timed calls; a slow thunk gets fewer repeats (>= 1).
         keep: If given, the last call's result is appended to it (the others are dropped).
 
@@ -145,7 +145,7 @@ def time_thunk(
     _sync(device)
     warm = time.perf_counter() - t0
     del out
-    n = max(1, min(repeats, math.floor(budget_s / max(warm, 1e-9))))
+    n = min(repeats, max(1, math.floor(budget_s / max(warm, 1e-9))))
     times = []
     for _ in range(n):
         _sync(device)
@@ -173,6 +173,37 @@ def _prewarm(problem: Any) -> None:
 def _error_string(err: BaseException) -> str:
     msg = " ".join(str(err).split())
     return f"{type(err).__name__}: {msg}"[:400]
+
+
+def _start(problem: str, entry: str, device: str, quick: bool, threads: int | None,
+           dense_gb: float) -> tuple[Any, torch.device, Any, dict[str, Any]]:
+    """The entry's spec, the device, a freshly built (and pre-warmed) problem, a result dict."""
+    from benchmarks.competitors import ENTRIES, LIMITS
+    from benchmarks.problems import make_problem
+
+    warnings.simplefilter("ignore")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    LIMITS["dense_bytes"] = dense_gb * 2**30
+    spec = ENTRIES[entry]
+    dev = torch.device(device)
+    prob = make_problem(problem, quick=quick, device=dev)
+    _prewarm(prob)
+    result: dict[str, Any] = {
+        "entry": entry,
+        "library": spec.library,
+        "task": spec.task,
+        "note": spec.note,
+        "status": "ok",
+        "median_ms": None,
+        "times_ms": [],
+        "warmup_ms": None,
+        "peak_mem_mb": None,
+        "peak_mem_reset": None,
+        "error": None,
+        "other_cpu_load": None,
+    }
+    return spec, dev, prob, result
 
 
 def measure_entry(
@@ -208,31 +239,7 @@ def measure_entry(
         ``times_ms``, ``warmup_ms``, ``peak_mem_mb``, ``peak_mem_reset``, ``error`` and
         ``other_cpu_load`` (cores used by other processes while it ran; 10 ms ticks).
     """
-    from benchmarks.competitors import ENTRIES, LIMITS
-    from benchmarks.problems import make_problem
-
-    warnings.simplefilter("ignore")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    LIMITS["dense_bytes"] = dense_gb * 2**30
-    spec = ENTRIES[entry]
-    dev = torch.device(device)
-    prob = make_problem(problem, quick=quick, device=dev)
-    _prewarm(prob)
-    result: dict[str, Any] = {
-        "entry": entry,
-        "library": spec.library,
-        "task": spec.task,
-        "note": spec.note,
-        "status": "ok",
-        "median_ms": None,
-        "times_ms": [],
-        "warmup_ms": None,
-        "peak_mem_mb": None,
-        "peak_mem_reset": None,
-        "error": None,
-        "other_cpu_load": None,
-    }
+    spec, dev, prob, result = _start(problem, entry, device, quick, threads, dense_gb)
     before = _memory_now(dev)
     result["peak_mem_reset"] = _reset_peak(dev)
     torch.manual_seed(0)
@@ -265,6 +272,104 @@ def measure_entry(
     if check:
         result.update(_check(problem, spec, thunk, prob, quick, dev))
     return result
+
+
+def measure_interleaved(
+    problem: str,
+    entries: list[str],
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 5,
+    budget_s: float = 3.0,
+    threads: int | None = None,
+    dense_gb: float = 2.0,
+    inner: int = 2,
+) -> list[dict[str, Any]]:
+    """Measure several entries of one problem in this process, timing them in turns.
+
+    Each entry gets its own freshly built problem (a library that changes the model, such as
+    BackPACK's ``extend``, cannot touch another entry's), its setup and one warm-up call, with
+    its peak memory over those as in :func:`measure_entry` (in this process, after the entries
+    before it, so that only differences count). Then up to ``repeats`` rounds call every entry
+    in turn, in an order rotated each round: one untimed call, then ``inner`` timed ones; each
+    entry's median is taken over all its timed calls.
+    A host whose speed drifts (other tenants, clock changes) then slows every entry of a round
+    alike, so ratios between entries hold where back-to-back blocks of repeats would not.
+
+    Args:
+        problem, device, quick, threads, dense_gb: As for :func:`measure_entry`.
+        entries: Entry names; the baseline among them gives the ratios later.
+        repeats: Largest number of timed calls per entry (``inner`` per round).
+        budget_s: Time budget per entry; the rounds stop when the whole budget is spent
+            (at least 3 rounds).
+        inner: Timed calls per entry and round.
+
+    Returns:
+        One result dict per entry, in the order given, as :func:`measure_entry` returns.
+    """
+    from benchmarks.check import EIG_TASKS
+
+    live: list[tuple[dict[str, Any], Any, Any, Callable[[], Any]]] = []
+    results = []
+    for entry in entries:
+        spec, dev, prob, result = _start(problem, entry, device, quick, threads, dense_gb)
+        results.append(result)
+        before = _memory_now(dev)
+        result["peak_mem_reset"] = _reset_peak(dev)
+        torch.manual_seed(0)
+        try:
+            thunk = spec.setup(prob)
+            if hasattr(thunk, "counts"):
+                thunk.counts.clear()
+            warm, _ = time_thunk(thunk, dev, 0, 0.0)
+        except Exception as err:  # noqa: BLE001 - every failure is a result to report
+            from benchmarks.competitors import Skipped
+
+            result["status"] = "skipped" if isinstance(err, Skipped) else "error"
+            result["error"] = str(err) if isinstance(err, Skipped) else _error_string(err)
+            continue
+        result["peak_mem_mb"] = max(0, _memory_peak(dev) - before) / _MiB
+        result["warmup_ms"] = 1e3 * warm
+        live.append((result, spec, prob, thunk))
+    if not live:
+        return results
+    dev = torch.device(device)
+    round_s = (1 + inner) * sum(r["warmup_ms"] for r, *_ in live) / 1e3
+    rounds = max(3, min(-(-repeats // inner),
+                        math.floor(budget_s * len(live) / max(round_s, 1e-9))))
+    times: dict[int, list[float]] = {id(r): [] for r, *_ in live}
+    last: dict[int, Any] = {}
+    (host0, self0), wall0 = _cpu_seconds(), time.perf_counter()
+    for k in range(rounds):
+        order = live[k % len(live):] + live[:k % len(live)]
+        for result, spec, _, thunk in order:
+            # one untimed call first: the entry before left the caches (CPU caches, the
+            # interpreter's, the allocator's free blocks) to its own data and code
+            del_out = thunk()
+            del del_out
+            for _ in range(inner):
+                _sync(dev)
+                t0 = time.perf_counter()
+                out = thunk()
+                _sync(dev)
+                times[id(result)].append(time.perf_counter() - t0)
+                if spec.task in EIG_TASKS and k == rounds - 1:
+                    last[id(result)] = out
+                del out
+    (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
+    load = round(max(0.0, (host1 - host0) - (self1 - self0)) / (wall1 - wall0), 2)
+    for result, spec, prob, thunk in live:
+        ts = times[id(result)]
+        result["other_cpu_load"] = load
+        result["times_ms"] = [1e3 * t for t in ts]
+        result["median_ms"] = 1e3 * statistics.median(ts)
+        result["min_ms"] = 1e3 * min(ts)
+        result["interleaved"] = True
+        result.update(_coverage(spec, thunk, prob))
+        if id(result) in last:
+            result.update(_eigen(problem, spec, thunk, last.pop(id(result)), 1 + len(ts),
+                                 quick, dev))
+    return results
 
 
 def _coverage(spec: Any, thunk: Callable[[], Any], prob: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from benchmarks.measure import (
     RESULT_DEFAULTS,
     fork_context,
     measure_entry,
+    measure_interleaved,
     other_load,
     run_isolated,
 )
@@ -87,8 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--redo-busy", action="store_true",
                     help="rerun only the entries of the existing result files that were measured "
                          "on a busy host (see --busy), and merge")
-    ap.add_argument("--isolation", default="process", choices=["process", "none"],
-                    help="'none' runs entries in this process (debugging; memory not isolated)")
+    ap.add_argument("--isolation", default="process", choices=["process", "none", "interleave"],
+                    help="'none' runs entries in this process (debugging; memory not isolated); "
+                         "'interleave' too, and times the entries of a problem in turns, one "
+                         "call each per round (ratios robust to a host whose speed drifts; "
+                         "used on GPUs)")
     ap.add_argument("--preload", default="all", choices=["all", "needed"],
                     help="libraries the fork server imports: all (default; same baseline for "
                          "every entry) or only those of the selected entries (faster start)")
@@ -102,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.timeout = args.timeout or (30.0 if args.quick else 120.0)
     if args.busy is None:
         args.busy = max(0.5, (os.cpu_count() or 1) - args.threads + 0.25)
+    if args.check and args.isolation == "interleave":
+        ap.error("--check compares results one entry at a time: use it without "
+                 "--isolation interleave")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
@@ -277,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         todo = _busy_entries(path, args.busy) if args.redo_busy else names
         _eig_references(problem, todo, args)
         results = []
+        if args.isolation == "interleave":
+            t0 = time.perf_counter()
+            for res in measure_interleaved(problem, todo, device=args.device, quick=args.quick,
+                                           repeats=args.repeats, budget_s=args.budget,
+                                           threads=args.threads, dense_gb=args.dense_gb):
+                res.update(commit=machine["commit"], wall_s=time.perf_counter() - t0)
+                results.append(res)
+                print(_line(res), flush=True)
+            todo = []
         for name in todo:
             kwargs = dict(problem=problem, entry=name, device=args.device, quick=args.quick,
                           repeats=args.repeats, budget_s=args.budget, threads=args.threads,

@@ -96,3 +96,37 @@ def test_quick_run_eigen_and_laplace_tasks(tmp_path):
 
     readme = (tmp_path / "README.md").read_text()
     assert "max rel. residual" in readme and "laplace_kron" in readme
+
+
+@pytest.mark.benchmark
+def test_interleaved_run_times_entries_in_turns(tmp_path):
+    """``--isolation interleave``: every entry timed in several rounds, in one process; an
+    entry that changes its model (BackPACK's ``extend``) does not reach the others."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp",
+        "--tasks", "baseline", "ggn_product", "kfac_mc", "eig_top10",
+        "--entries", "torch.*", "curvop.TorchGGN.matvec", "curvlinops.GGNLinearOperator.matvec",
+        "backpack.KFAC", "curvop.TorchGGN[[]mc].kron", "curvop.TorchGGN.eig_lowrank",
+        "--isolation", "interleave", "--repeats", "4", "--budget", "0.1",
+        "--out", str(tmp_path), "--threads", "1",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    payload = json.loads((tmp_path / "mlp_cpu_quick.json").read_text())
+    entries = {r["entry"]: r for r in payload["results"]}
+    assert set(entries) == {
+        "torch.fwd_bwd", "curvop.TorchGGN.matvec", "curvlinops.GGNLinearOperator.matvec",
+        "backpack.KFAC", "curvop.TorchGGN[mc].kron", "curvop.TorchGGN.eig_lowrank"}
+    for r in entries.values():
+        assert r["status"] == "ok", (r["entry"], r["error"])
+        assert r["interleaved"] and RESULT_FIELDS <= set(r)
+        assert len(r["times_ms"]) >= 4 and r["peak_mem_mb"] is not None
+    assert entries["torch.fwd_bwd"]["ratio_fwd_bwd"] == pytest.approx(1.0)
+    eig = entries["curvop.TorchGGN.eig_lowrank"]
+    assert eig["eig_rel_err"] < 1e-5 and sum(eig["eig_counts"].values()) > 0
+
+    bad = subprocess.run(cmd + ["--check"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert bad.returncode != 0 and "--check" in bad.stderr
