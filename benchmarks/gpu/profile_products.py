@@ -1,4 +1,4 @@
-"""Where the time of one GGN product goes on a GPU: wall time and a profiler table.
+"""Where the time of a GGN product and of KFAC goes on a GPU: wall times, profiler tables.
 
 Run by ``benchmarks/gpu/session.sh`` after the benchmarks. For each problem it times one
 forward + backward, building the operator and one product (CUDA-synchronised medians), and
@@ -69,7 +69,14 @@ def _one(name: str, device: torch.device, activities: list) -> None:
     print(f"== {name} on {device} (P={problem.num_params}, B={problem.batch_size}): "
           f"fwd+bwd {base:.3f} ms, build {build:.3f} ms ({build / base:.2f}x), "
           f"product {prod:.3f} ms ({prod / base:.2f}x)", flush=True)
-    for label, fn in (("product", lambda: op @ v), ("fwd+bwd", fwd_bwd)):
+    exact = lambda: iface.kron(x, y, problem.batch_size)  # noqa: E731
+    mc_iface = TorchGGN(model, problem.likelihood, stochastic=True)
+    mc = lambda: mc_iface.kron(x, y, problem.batch_size)  # noqa: E731
+    kron_ms, mc_ms = _median_ms(exact, device, 10), _median_ms(mc, device, 10)
+    print(f"== {name} kron: exact {kron_ms:.3f} ms ({kron_ms / base:.2f}x), "
+          f"MC {mc_ms:.3f} ms ({mc_ms / base:.2f}x)", flush=True)
+    for label, fn in (("product", lambda: op @ v), ("fwd+bwd", fwd_bwd), ("kron", exact),
+                      ("kron[mc]", mc)):
         with profile(activities=activities) as prof:
             for _ in range(5):
                 fn()
