@@ -118,7 +118,10 @@ def _problem_section(payload: dict[str, Any]) -> list[str]:
         f"{', '.join(m for m in info['modules'] if m not in ('Sequential',))}. "
         f"One forward+backward: {_num(base.get('median_ms'))} ms. "
         f"Measured {machine['date']} at commit {machine.get('commit')} on "
-        f"{machine.get('gpu') or machine['cpu']} (torch {machine.get('torch')}).",
+        f"{machine.get('gpu') or machine['cpu']} (torch {machine.get('torch')})."
+        + (" Timed interleaved: the entries in turns, one untimed and two timed calls each per "
+           "round, in one process (`--isolation interleave`)."
+           if any(r.get("interleaved") for r in payload["results"]) else ""),
         "",
     ]
     checked = any("check_rel_err" in r or "check_error" in r for r in payload["results"])
