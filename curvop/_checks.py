@@ -281,13 +281,25 @@ def forbid_randomness(device: torch.device) -> Iterator[None]:
         NotSupportedError: If the body drew random numbers (dropout in a custom ``forward``).
     """
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        before = torch.get_rng_state()
-        before_cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    before = torch.get_rng_state()
+    before_cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def restore() -> None:
+        torch.set_rng_state(before)
+        for state, d in zip(before_cuda, devices):
+            torch.cuda.set_rng_state(state, d)
+
+    # what `torch.random.fork_rng` does, without its second copy of the states: an unchanged
+    # state needs no restoring (this runs around every forward pass)
+    try:
         yield
-        drew = not torch.equal(before, torch.get_rng_state()) or any(
-            not torch.equal(b, torch.cuda.get_rng_state(d)) for b, d in zip(before_cuda, devices))
+    except BaseException:
+        restore()
+        raise
+    drew = not torch.equal(before, torch.get_rng_state()) or any(
+        not torch.equal(b, torch.cuda.get_rng_state(d)) for b, d in zip(before_cuda, devices))
     if drew:
+        restore()
         raise NotSupportedError(
             "the model's forward draws random numbers (dropout or noise active in training "
             "mode?), so the curvature would be random; call `model.eval()` or make the forward "

@@ -165,20 +165,20 @@ _BMM_ENTRIES = 1 << 22
 def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
     """``Σ_b X_b X_bᵀ`` for ``X`` `(b, d, m)` (any strides), added to ``out`` if given.
 
-    One Gram matrix of the `(d, b·m)` matrix when that is a view of ``X`` (or when ``d`` is
-    large enough for the block rows of :func:`curvop._gram.gram` to pay for a copy); otherwise
-    batched products summed over ``b`` (no copy: convolutions' output gradients, positions
-    contiguous).
+    One Gram matrix of the `(d, b·m)` matrix when that is a view of ``X`` (or, copied, on a GPU
+    or when ``d`` is large enough for the block rows of :func:`curvop._gram.gram` to pay for a
+    copy); otherwise, on the CPU, batched products summed over ``b`` (no copy: convolutions'
+    output gradients, positions contiguous).
     """
     b, d, m = X.shape
     if b == 1:
         return _gram(X[0], out)
     flat = X.permute(1, 0, 2)
-    try:
+    if m == 1 or flat.stride(1) == m * flat.stride(2):  # (d, b·m) is a view of X
         return _gram(flat.view(d, b * m), out)
-    except RuntimeError:  # not a view: copy, or sum batched products
-        pass
-    if X.device.type == "cpu" and d >= GRAM_COPY_ROWS:
+    if X.device.type != "cpu" or d >= GRAM_COPY_ROWS:
+        # a GPU is bound by launches: one copy and one GEMM, not a batched product and a sum
+        # per step
         return _gram(flat.reshape(d, b * m), out)
     step = max(1, _BMM_ENTRIES // (d * d))
     total = None

@@ -177,3 +177,27 @@ def test_finiteness_check_tells_overflow_from_nan_and_inf():
             torch.full((3, 4), -3e38).index_put_((torch.tensor([2]), torch.tensor([3])),
                                                   torch.tensor(float("inf"))),
             torch.zeros(3, dtype=torch.long))
+
+
+def test_forbid_randomness_restores_the_generator():
+    """A draw raises and is undone; another error raised after a draw propagates unchanged,
+    with the draw undone too; a body without draws leaves the state as it was."""
+    from curvop._checks import forbid_randomness
+
+    cpu = torch.device("cpu")
+    before = torch.get_rng_state()
+    with pytest.raises(NotSupportedError, match="random numbers"):
+        with forbid_randomness(cpu):
+            torch.rand(3)
+    assert torch.equal(before, torch.get_rng_state())
+    with pytest.raises(KeyError, match="other"):
+        with forbid_randomness(cpu):
+            torch.rand(3)
+            raise KeyError("other")
+    assert torch.equal(before, torch.get_rng_state())
+    with forbid_randomness(cpu):
+        torch.ones(3).sum()
+    assert torch.equal(before, torch.get_rng_state())
+    expected = torch.rand(2)  # the user's next draw is the one they would have had
+    torch.set_rng_state(before)
+    assert torch.equal(torch.rand(2), expected)
