@@ -184,7 +184,9 @@ class Likelihood(enum.Enum):
             g = -torch.randn(
                 (B, num_samples, C), dtype=fd.dtype, device=sample_device, generator=generator
             )
-        g = g.to(f.device) / math.sqrt(num_samples)
+        g = g.to(f.device)
+        if num_samples > 1:  # one kernel less per call for the common single draw
+            g = g / math.sqrt(num_samples)
         return g.transpose(1, 2)
 
 
@@ -288,7 +290,9 @@ class TokenClassification:
         labels = sample_categorical(p.reshape(B * T, C), num_samples,
                                     generator).reshape(B, T, num_samples)
         onehot = one_hot(labels, C, p.dtype)  # (B, T, K, C)
-        g = (p.unsqueeze(2) - onehot).to(f.device) / math.sqrt(num_samples)
+        g = (p.unsqueeze(2) - onehot).to(f.device)
+        if num_samples > 1:
+            g = g / math.sqrt(num_samples)
         if y is not None:
             g = g * self._mask(y, f).unsqueeze(-1)
         return g.permute(0, 1, 3, 2).reshape(B, T * C, num_samples)
