@@ -24,6 +24,7 @@ out-of-memory kill stays in the child, and a time-out kills the child.
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -301,7 +302,7 @@ def measure_interleaved(
         entries: Entry names; the baseline among them gives the ratios later.
         repeats: Largest number of timed calls per entry (``inner`` per round).
         budget_s: Time budget per entry; the rounds stop when the whole budget is spent
-            (at least 3 rounds).
+            (at least 3 rounds). Python's garbage collector runs between the rounds only.
         inner: Timed calls per entry and round.
 
     Returns:
@@ -334,28 +335,37 @@ def measure_interleaved(
     if not live:
         return results
     dev = torch.device(device)
-    round_s = (1 + inner) * sum(r["warmup_ms"] for r, *_ in live) / 1e3
-    rounds = max(3, min(-(-repeats // inner),
-                        math.floor(budget_s * len(live) / max(round_s, 1e-9))))
+    # rounds until ``repeats`` timed calls per entry, or the budget is spent after at least 3
+    # (the warm-up calls carry one-off costs, so the rounds themselves are timed)
+    max_rounds, budget = max(3, -(-repeats // inner)), budget_s * len(live)
     times: dict[int, list[float]] = {id(r): [] for r, *_ in live}
     last: dict[int, Any] = {}
     (host0, self0), wall0 = _cpu_seconds(), time.perf_counter()
-    for k in range(rounds):
+    k, rounds = 0, max_rounds
+    while k < rounds:
+        if k >= 3 and time.perf_counter() - wall0 > budget:
+            rounds = k + 1  # this round is the last one
+        gc.collect()  # a collection inside a timed call would land on one entry only
         order = live[k % len(live):] + live[:k % len(live)]
         for result, spec, _, thunk in order:
             # one untimed call first: the entry before left the caches (CPU caches, the
             # interpreter's, the allocator's free blocks) to its own data and code
             del_out = thunk()
             del del_out
-            for _ in range(inner):
-                _sync(dev)
-                t0 = time.perf_counter()
-                out = thunk()
-                _sync(dev)
-                times[id(result)].append(time.perf_counter() - t0)
-                if spec.task in EIG_TASKS and k == rounds - 1:
-                    last[id(result)] = out
-                del out
+            gc.disable()
+            try:
+                for _ in range(inner):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    out = thunk()
+                    _sync(dev)
+                    times[id(result)].append(time.perf_counter() - t0)
+                    if spec.task in EIG_TASKS and k == rounds - 1:
+                        last[id(result)] = out
+                    del out
+            finally:
+                gc.enable()
+        k += 1
     (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
     load = round(max(0.0, (host1 - host0) - (self1 - self0)) / (wall1 - wall0), 2)
     for result, spec, prob, thunk in live:

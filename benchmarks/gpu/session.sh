@@ -8,9 +8,10 @@
 # Afterwards:    copy the returned results/*.json into benchmarks/results/ and rebuild the table
 #                (python -m benchmarks.report benchmarks/results), name the card in the note.
 #
-# Budgets (seconds; override by environment): TESTS_S for the CUDA tests, BENCH_S for the
-# benchmarks, BENCH_TASKS / BENCH_PROBLEMS to narrow them. Each stage is cut at its budget and
-# the script goes on, so a slow stage cannot cost the others their results.
+# Budgets (seconds; override by environment; 0 skips the stage): TESTS_S for the CUDA tests,
+# BENCH_S for the benchmarks, BENCH_TASKS / BENCH_PROBLEMS / BENCH_REPEATS to narrow them.
+# Each stage is cut at its budget and the script goes on, so a slow stage cannot cost the
+# others their results.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/curvop_gpu_out}
@@ -45,10 +46,13 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', \
   "$PY" -c "import backpack, asdl, laplace, curvlinops; print('peers import')"
 } 2>&1 | tee "$OUT/log.txt"
 
-echo "== CUDA tests (every case parametrised on cuda, and the gpu marker), ${TESTS_S}s" | tee -a "$OUT/log.txt"
-timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -n 8 -x \
-  -k "cuda or gpu" -m "not montecarlo and not slow" -rfE --tb=short tests 2>&1 | tail -60 | tee -a "$OUT/log.txt"
-timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+# a stage whose budget is 0 is skipped (`timeout 0` would mean no limit)
+if [ "$TESTS_S" -gt 0 ]; then
+  echo "== CUDA tests (every case parametrised on cuda, and the gpu marker), ${TESTS_S}s" | tee -a "$OUT/log.txt"
+  timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -n 8 -x \
+    -k "cuda or gpu" -m "not montecarlo and not slow" -rfE --tb=short tests 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+  timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+fi
 
 echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | tee -a "$OUT/log.txt"
 # in one process: each child would initialise CUDA again (seconds per entry); peak memory is
@@ -57,18 +61,22 @@ echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | t
 # differed by up to 1.8x in the same code) slows all of them alike
 # shellcheck disable=SC2086
 timeout "$BENCH_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation interleave \
-  --problems $BENCH_PROBLEMS --tasks $BENCH_TASKS --repeats 12 --budget 1 \
+  --problems $BENCH_PROBLEMS --tasks $BENCH_TASKS --repeats ${BENCH_REPEATS:-40} --budget 1 \
   --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
 
-echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee -a "$OUT/log.txt"
-timeout "$FULL_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation none \
-  --problems cnn_small --tasks baseline full_ggn --repeats 3 --budget 1 \
-  --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+if [ "$FULL_S" -gt 0 ]; then
+  echo "== full() on cnn_small against laplace-torch's backends, ${FULL_S}s" | tee -a "$OUT/log.txt"
+  timeout "$FULL_S" "$PY" -m benchmarks.run --device "$DEVICE" --isolation interleave \
+    --problems cnn_small --tasks baseline full_ggn --repeats 6 --budget 1 \
+    --out "$OUT/results" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+fi
 
-echo "== where a product's time goes (wall times and profiler tables), ${PROFILE_S}s" | tee "$OUT/profile.txt"
-timeout "$PROFILE_S" "$PY" -m benchmarks.gpu.profile_products --device "$DEVICE" \
-  --problems $BENCH_PROBLEMS 2>&1 | grep -v -i -E "warn|USDT" >> "$OUT/profile.txt"
-grep "^==" "$OUT/profile.txt"
+if [ "$PROFILE_S" -gt 0 ]; then
+  echo "== where a product's time goes (wall times and profiler tables), ${PROFILE_S}s" | tee "$OUT/profile.txt"
+  timeout "$PROFILE_S" "$PY" -m benchmarks.gpu.profile_products --device "$DEVICE" \
+    --problems $BENCH_PROBLEMS 2>&1 | grep -v -i -E "warn|USDT" >> "$OUT/profile.txt"
+  grep "^==" "$OUT/profile.txt"
+fi
 
 if [ "$PROBE_S" -gt 0 ]; then
   echo "== vmap or a loop over columns, per problem (products, kron), ${PROBE_S}s" | tee -a "$OUT/profile.txt"
