@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from curvop import _autograd
 from curvop._functional import Batch, PendingBatch
 from curvop.layers import (
     LayerHandler,
@@ -230,11 +231,11 @@ def _backprop(f: Tensor, outs: list[Tensor], cols: Tensor | _FoldedColumns,
     """
     if isinstance(cols, _FoldedColumns):
         k, B = cols.cols.shape[:2]
-        gs = torch.autograd.grad(f, outs, cols.stacked(), retain_graph=retain,
-                                 allow_unused=True)
+        gs = _autograd.grad([f], outs, [cols.stacked()], retain_graph=retain,
+                            allow_unused=True)
         return [None if g is None else g[: k * B].unflatten(0, (k, B)) for g in gs]
     if len(cols) == 1:
-        gs = torch.autograd.grad(f, outs, cols[0], retain_graph=retain, allow_unused=True)
+        gs = _autograd.grad([f], outs, [cols[0]], retain_graph=retain, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in gs]
     try:
         return list(torch.autograd.grad(f, outs, cols, is_grads_batched=True,

@@ -106,3 +106,29 @@ def test_failing_forward_puts_the_user_tensors_back():
     del model.forward
     now = _user_tensors(model)
     assert now.keys() == own.keys() and all(now[n] is own[n] for n in own)
+
+
+def test_unchecked_grad_equals_autograd_grad():
+    """``curvop._autograd.grad``: torch's gradients, ``None`` for an unused input, nothing
+    accumulated, the graph kept only when asked, and torch's error for a non-differentiable
+    output."""
+    from curvop import _autograd
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    b = torch.randn(3, dtype=DT, requires_grad=True)
+    unused = torch.randn(2, dtype=DT, requires_grad=True)
+    x = torch.randn(5, 4, dtype=DT)
+    f = torch.tanh(x @ w.T + b)
+    v = torch.randn_like(f)
+    got = _autograd.grad([f], [w, b, unused], [v], retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(f, [w, b, unused], v, retain_graph=True, allow_unused=True)
+    assert got[2] is None and expected[2] is None
+    for g, e in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert w.grad is None and b.grad is None
+    _autograd.grad([f], [w], [v])  # the graph was retained; this call frees it
+    with pytest.raises(RuntimeError):
+        _autograd.grad([f], [w], [v])
+    with pytest.raises(RuntimeError):
+        _autograd.grad([x.sum()], [w], [torch.ones((), dtype=DT)])

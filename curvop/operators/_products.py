@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
+from curvop import _autograd
 from curvop._functional import Batch
 
 __all__ = ["SqrtFormProducts", "HessianProducts"]
@@ -52,9 +53,11 @@ def _grad(outputs, inputs, grad_outputs, **kwargs):
     k = grad_outputs[0].shape[0] if isinstance(grad_outputs, (list, tuple)) else \
         grad_outputs.shape[0]
     if k == 1:
-        squeeze = ([g[0] for g in grad_outputs] if isinstance(grad_outputs, (list, tuple))
-                   else grad_outputs[0])
-        out = torch.autograd.grad(outputs, inputs, squeeze, **kwargs)
+        many = isinstance(grad_outputs, (list, tuple))
+        squeeze = [g[0] for g in grad_outputs] if many else [grad_outputs[0]]
+        out = _autograd.grad(outputs if isinstance(outputs, (list, tuple)) else [outputs],
+                             inputs if isinstance(inputs, (list, tuple)) else [inputs],
+                             squeeze, **kwargs)
         return [None if o is None else o.unsqueeze(0) for o in out]
     return torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, **kwargs)
 
