@@ -18,24 +18,28 @@ RESULT_FIELDS = {
 }
 
 
+def _run_suite(args: list[str], out: Path, result: str, timeout: float):
+    """Run ``python -m benchmarks.run ARGS --out OUT``: the payload of ``OUT/RESULT``, its
+    entries by name, and the finished process."""
+    cmd = [sys.executable, "-m", "benchmarks.run", *args, "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads((out / result).read_text())
+    return payload, {r["entry"]: r for r in payload["results"]}, proc
+
+
 @pytest.mark.benchmark
 def test_quick_run_writes_json_and_readme(tmp_path):
-    cmd = [
-        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp",
-        "--tasks", "baseline", "ggn_product",
+    payload, entries, _ = _run_suite([
+        "--quick", "--problems", "mlp", "--tasks", "baseline", "ggn_product",
         "--entries", "torch.*", "curvop.TorchGGN.matvec", "curvlinops.GGNLinearOperator.matvec",
         "--preload", "needed", "--repeats", "1", "--budget", "0.1",
-        "--out", str(tmp_path), "--timeout", "20", "--busy", "100", "--check",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    payload = json.loads((tmp_path / "mlp_cpu_quick.json").read_text())
+        "--timeout", "20", "--busy", "100", "--check",
+    ], tmp_path, "mlp_cpu_quick.json", 120)
     assert payload["quick"] is True and payload["device"] == "cpu"
     assert payload["problem"]["num_params"] > 0
     assert {"cpu", "torch", "threads", "versions"} <= set(payload["machine"])
-    entries = {r["entry"]: r for r in payload["results"]}
     assert {"torch.fwd_bwd", "curvlinops.GGNLinearOperator.matvec"} <= set(entries)
     assert "curvop.TorchGGN.matvec" in entries
     for r in payload["results"]:
@@ -60,20 +64,14 @@ def test_quick_run_writes_json_and_readme(tmp_path):
 @pytest.mark.benchmark
 def test_quick_run_eigen_and_laplace_tasks(tmp_path):
     """The eig and laplace tasks run in --quick mode; eig pairs and posteriors are right."""
-    cmd = [
-        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp_small",
+    _, entries, proc = _run_suite([
+        "--quick", "--problems", "mlp_small",
         "--tasks", "baseline", "eig_top10", "laplace_diag", "laplace_kron",
         "--entries", "torch.*", "curvop.TorchGGN.eig_lowrank",
         "curvlinops.GGNLinearOperator.eigsh", "curvop.CurvopGGN[[]*", "laplace.CurvlinopsGGN[[]*",
         "--preload", "needed", "--repeats", "1", "--budget", "0.1",
-        "--out", str(tmp_path), "--timeout", "30", "--busy", "100", "--check",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    payload = json.loads((tmp_path / "mlp_small_cpu_quick.json").read_text())
-    entries = {r["entry"]: r for r in payload["results"]}
+        "--timeout", "30", "--busy", "100", "--check",
+    ], tmp_path, "mlp_small_cpu_quick.json", 240)
     assert set(entries) == {
         "torch.fwd_bwd", "curvop.TorchGGN.eig_lowrank", "curvlinops.GGNLinearOperator.eigsh",
         "curvop.CurvopGGN[diag].fit", "curvop.CurvopGGN[kron].fit",
@@ -102,20 +100,14 @@ def test_quick_run_eigen_and_laplace_tasks(tmp_path):
 def test_interleaved_run_times_entries_in_turns(tmp_path):
     """``--isolation interleave``: every entry timed in several rounds, in one process; an
     entry that changes its model (BackPACK's ``extend``) does not reach the others."""
-    cmd = [
-        sys.executable, "-m", "benchmarks.run", "--quick", "--problems", "mlp",
-        "--tasks", "baseline", "ggn_product", "kfac_mc", "eig_top10",
+    args = [
+        "--quick", "--problems", "mlp", "--tasks", "baseline", "ggn_product", "kfac_mc",
+        "eig_top10",
         "--entries", "torch.*", "curvop.TorchGGN.matvec", "curvlinops.GGNLinearOperator.matvec",
         "backpack.KFAC", "curvop.TorchGGN[[]mc].kron", "curvop.TorchGGN.eig_lowrank",
-        "--isolation", "interleave", "--repeats", "4", "--budget", "0.1",
-        "--out", str(tmp_path), "--threads", "1",
+        "--isolation", "interleave", "--repeats", "4", "--budget", "0.1", "--threads", "1",
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    payload = json.loads((tmp_path / "mlp_cpu_quick.json").read_text())
-    entries = {r["entry"]: r for r in payload["results"]}
+    _, entries, _ = _run_suite(args, tmp_path, "mlp_cpu_quick.json", 180)
     assert set(entries) == {
         "torch.fwd_bwd", "curvop.TorchGGN.matvec", "curvlinops.GGNLinearOperator.matvec",
         "backpack.KFAC", "curvop.TorchGGN[mc].kron", "curvop.TorchGGN.eig_lowrank"}
@@ -127,6 +119,7 @@ def test_interleaved_run_times_entries_in_turns(tmp_path):
     eig = entries["curvop.TorchGGN.eig_lowrank"]
     assert eig["eig_rel_err"] < 1e-5 and sum(eig["eig_counts"].values()) > 0
 
-    bad = subprocess.run(cmd + ["--check"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env=env)
+    cmd = [sys.executable, "-m", "benchmarks.run", *args, "--out", str(tmp_path), "--check"]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert bad.returncode != 0 and "--check" in bad.stderr
