@@ -132,3 +132,18 @@ def test_unchecked_grad_equals_autograd_grad():
         _autograd.grad([f], [w], [v])
     with pytest.raises(RuntimeError):
         _autograd.grad([x.sum()], [w], [torch.ones((), dtype=DT)])
+
+
+def test_unchecked_grad_falls_back_to_the_public_function(monkeypatch):
+    """A torch whose private engine entry point takes other arguments: the public route."""
+    from curvop import _autograd
+
+    def changed(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'accumulate_grad'")
+
+    monkeypatch.setattr(_autograd, "_engine_run_backward", changed)
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    f = (w * w).sum()
+    (g,) = _autograd.grad([f], [w], [torch.ones((), dtype=DT)])
+    torch.testing.assert_close(g, 2 * w.detach(), rtol=0, atol=0)
+    assert _autograd._engine_run_backward is None  # remembered: no second failing attempt
