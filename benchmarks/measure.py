@@ -207,6 +207,44 @@ def _start(problem: str, entry: str, device: str, quick: bool, threads: int | No
     return spec, dev, prob, result
 
 
+Thunk = Callable[[], Any]
+
+
+def _set_up(spec: Any, prob: Any, dev: torch.device, result: dict[str, Any],
+            first_calls: Callable[[Thunk], Any]) -> tuple[Thunk, Any] | None:
+    """Set an entry up and make its first calls (``first_calls(thunk)``), in a fresh memory peak.
+
+    Returns:
+        ``(thunk, first_calls(thunk))`` with ``peak_mem_mb`` (and ``peak_mem_reset``) set in
+        ``result``; ``None`` after recording a failure (``'skipped'`` or ``'error'``) there.
+    """
+    before = _memory_now(dev)
+    result["peak_mem_reset"] = _reset_peak(dev)
+    torch.manual_seed(0)
+    try:
+        thunk = spec.setup(prob)
+        if hasattr(thunk, "counts"):
+            thunk.counts.clear()
+        first = first_calls(thunk)
+    except Exception as err:  # noqa: BLE001 - every failure is a result to report
+        from benchmarks.competitors import Skipped
+
+        result["status"] = "skipped" if isinstance(err, Skipped) else "error"
+        result["error"] = str(err) if isinstance(err, Skipped) else _error_string(err)
+        if os.environ.get("CURVOP_BENCH_TRACEBACK"):
+            traceback.print_exc()
+        return None
+    result["peak_mem_mb"] = max(0, _memory_peak(dev) - before) / _MiB
+    return thunk, first
+
+
+def _record_times(result: dict[str, Any], seconds: list[float]) -> None:
+    """The timed calls of an entry: all of them, the median and the minimum, in ms."""
+    result["times_ms"] = [1e3 * t for t in seconds]
+    result["median_ms"] = 1e3 * statistics.median(seconds)
+    result["min_ms"] = 1e3 * min(seconds)
+
+
 def measure_entry(
     problem: str,
     entry: str,
@@ -241,32 +279,18 @@ def measure_entry(
         ``other_cpu_load`` (cores used by other processes while it ran; 10 ms ticks).
     """
     spec, dev, prob, result = _start(problem, entry, device, quick, threads, dense_gb)
-    before = _memory_now(dev)
-    result["peak_mem_reset"] = _reset_peak(dev)
-    torch.manual_seed(0)
     (host0, self0), wall0 = _cpu_seconds(), time.perf_counter()
     last: list = []
-    try:
-        thunk = spec.setup(prob)
-        if hasattr(thunk, "counts"):
-            thunk.counts.clear()
-        warm, times = time_thunk(thunk, dev, repeats, budget_s, keep=last)
-        (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
-    except Exception as err:  # noqa: BLE001 - every failure is a result to report
-        from benchmarks.competitors import Skipped
-
-        result["status"] = "skipped" if isinstance(err, Skipped) else "error"
-        result["error"] = str(err) if isinstance(err, Skipped) else _error_string(err)
-        if os.environ.get("CURVOP_BENCH_TRACEBACK"):
-            traceback.print_exc()
+    done = _set_up(spec, prob, dev, result,
+                   lambda thunk: time_thunk(thunk, dev, repeats, budget_s, keep=last))
+    if done is None:
         return result
+    (host1, self1), wall1 = _cpu_seconds(), time.perf_counter()
+    thunk, (warm, times) = done
     busy_other = max(0.0, (host1 - host0) - (self1 - self0))
     result["other_cpu_load"] = round(busy_other / (wall1 - wall0), 2)
-    result["peak_mem_mb"] = max(0, _memory_peak(dev) - before) / _MiB
     result["warmup_ms"] = 1e3 * warm
-    result["times_ms"] = [1e3 * t for t in times]
-    result["median_ms"] = 1e3 * statistics.median(times)
-    result["min_ms"] = 1e3 * min(times)
+    _record_times(result, times)
     result.update(_coverage(spec, thunk, prob))
     result.update(_eigen(problem, spec, thunk, last[0], 1 + len(times), quick, dev))
     last.clear()
@@ -315,21 +339,11 @@ def measure_interleaved(
     for entry in entries:
         spec, dev, prob, result = _start(problem, entry, device, quick, threads, dense_gb)
         results.append(result)
-        before = _memory_now(dev)
-        result["peak_mem_reset"] = _reset_peak(dev)
-        torch.manual_seed(0)
-        try:
-            thunk = spec.setup(prob)
-            if hasattr(thunk, "counts"):
-                thunk.counts.clear()
-            warm, _ = time_thunk(thunk, dev, 0, 0.0)
-        except Exception as err:  # noqa: BLE001 - every failure is a result to report
-            from benchmarks.competitors import Skipped
-
-            result["status"] = "skipped" if isinstance(err, Skipped) else "error"
-            result["error"] = str(err) if isinstance(err, Skipped) else _error_string(err)
+        done = _set_up(spec, prob, dev, result,
+                       lambda thunk, dev=dev: time_thunk(thunk, dev, 0, 0.0))
+        if done is None:
             continue
-        result["peak_mem_mb"] = max(0, _memory_peak(dev) - before) / _MiB
+        thunk, (warm, _) = done
         result["warmup_ms"] = 1e3 * warm
         live.append((result, spec, prob, thunk))
     if not live:
@@ -371,9 +385,7 @@ def measure_interleaved(
     for result, spec, prob, thunk in live:
         ts = times[id(result)]
         result["other_cpu_load"] = load
-        result["times_ms"] = [1e3 * t for t in ts]
-        result["median_ms"] = 1e3 * statistics.median(ts)
-        result["min_ms"] = 1e3 * min(ts)
+        _record_times(result, ts)
         result["interleaved"] = True
         result.update(_coverage(spec, thunk, prob))
         if id(result) in last:
