@@ -10,7 +10,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -100,8 +100,11 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
-def check_inputs(x: object, device: torch.device | None = None) -> Tensor:
+def check_inputs(x: object, device: torch.device | None = None, finite: bool = True) -> Tensor:
     """Check the input batch ``x``: a finite tensor with a batch dimension.
+
+    With ``finite=False`` the caller checks finiteness itself (with the parameters:
+    :func:`check_finite_parameters`).
 
     Raises:
         InputTypeError: If ``x`` is not a tensor.
@@ -113,7 +116,7 @@ def check_inputs(x: object, device: torch.device | None = None) -> Tensor:
         raise InputError(f"`x` must have a non-empty batch dimension; got shape {tuple(x.shape)}")
     if device is not None and x.device != device:
         raise InputError(f"`x` must be on the model's device {device}; got {x.device}")
-    if not all_finite(x):
+    if finite and not all_finite(x):
         raise InputError("`x` holds non-finite values (nan or inf)")
     return x
 
@@ -322,20 +325,28 @@ def check_no_batch_coupling(model: nn.Module) -> None:
             )
 
 
-def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
-    """Raise if any parameter holds nan or inf.
+def check_finite_parameters(params: Sequence[Tensor],
+                            named: Callable[[], Iterable[tuple[str, Tensor]]],
+                            x: Tensor | None = None) -> None:
+    """Raise if the inputs ``x`` (if given) or any of ``params`` hold nan or inf.
+
+    Args:
+        params: The tensors to check (the model's trainable parameters).
+        named: Gives ``(name, tensor)`` pairs of ``params``, to name an offender; called only
+            when something is not finite.
+        x: The input batch, checked in the same reduction.
 
     Raises:
-        InputError: Naming the first offending parameter.
+        InputError: Naming ``x`` or the first offending parameter.
     """
-    named = [(n, p) for n, p in named_params if p.is_floating_point() or p.is_complex()]
-    if not named:
-        return
     # the total L1 norm is non-finite if an entry is (see `all_finite`): one reduction per
     # tensor (one fused kernel per device and dtype on GPUs, `_foreach_norm`) and one host
-    # synchronisation; only a non-finite total (or an overflow) sends us through the tensors
-    # one by one to name the offender
-    tensors = [p.detach() for _, p in named]
+    # synchronisation for the inputs and every parameter together; only a non-finite total
+    # (or an overflow) sends us through the tensors one by one to name the offender
+    tensors = [t.detach() for t in (params if x is None else (x, *params))
+               if t.is_floating_point() or t.is_complex()]
+    if not tensors:
+        return
     first = tensors[0]
     if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
         # the common case without `get_total_norm`'s grouping by device and dtype
@@ -344,8 +355,10 @@ def check_finite_parameters(named_params: Iterable[tuple[str, Tensor]]) -> None:
         total = torch.nn.utils.get_total_norm(tensors, 1.0)
     if math.isfinite(float(total.real)):
         return
-    for name, p in named:
-        if not torch.isfinite(p).all():
+    if x is not None and not all_finite(x):
+        raise InputError("`x` holds non-finite values (nan or inf)")
+    for name, p in named():
+        if (p.is_floating_point() or p.is_complex()) and not torch.isfinite(p).all():
             raise InputError(f"parameter {name!r} of `model` holds non-finite values")
 
 

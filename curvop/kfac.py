@@ -108,7 +108,7 @@ from torch import Tensor, nn
 
 from curvop._checks import check_fits, check_positive_int
 from curvop._functional import Batch, FunctionalModel, PendingBatch, chunk_size
-from curvop._gram import GRAM_COPY_ROWS
+from curvop._gram import GRAM_COPY_ROWS, symmetrized
 from curvop._gram import gram as _gram
 from curvop._sqrt_form import sqrt_vjp_chunks
 from curvop._taps import Tap, Unhandled, tap_layer_blocks, tap_layers
@@ -185,7 +185,7 @@ def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
     for Xc in X.split(step):
         term = (Xc @ Xc.mT).sum(0)
         total = term if total is None else total.add_(term)
-    total = (total + total.mT).mul_(0.5)
+    total = symmetrized(total)
     return total if out is None else out.add_(total)
 
 
@@ -200,7 +200,15 @@ def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
     s.T = T if t.lengths is None else t.lengths  # true positions of zero-padded groups
     if approx == "reduce" or t.has_bias:  # (K, n, G, O): reduce output side, bias gradient
         g_sum = g[:, :, :, 0] if T == 1 else g.sum(3)
-    if t.has_weight:
+    if t.has_weight and T == 1 and G == 1 and not t.handler.onehot:
+        # a plain Linear layer (or a convolution seen once): one Gram matrix per side, without
+        # the per-group views below (this path runs for every layer of every call)
+        g2 = g.reshape(K * n, d_out).mT
+        s.A = [_gram(g2)] if s.A is None else [_gram(g2, s.A[0])]
+        if inputs:
+            a2 = a.reshape(n, -1).mT
+            s.B = [_gram(a2)] if s.B is None else [_gram(a2, s.B[0])]
+    elif t.has_weight:
         # per group `(b, features, data points)`, viewed where the strides allow
         if T == 1:
             gg = [g[:, :, i, 0].reshape(1, K * n, d_out).mT for i in range(G)]

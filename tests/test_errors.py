@@ -167,11 +167,18 @@ def test_finiteness_check_tells_overflow_from_nan_and_inf():
     t = torch.ones(5)
     t[0], t[1] = float("inf"), -float("inf")  # cancels to nan, still caught
     assert not all_finite(t)
-    check_finite_parameters([("a", huge), ("b", torch.ones(3, dtype=torch.float64))])
+    named = [("a", huge), ("b", torch.ones(3, dtype=torch.float64))]
+    check_finite_parameters([t for _, t in named], lambda: named)  # mixed dtypes, overflow
+    check_finite_parameters([t for _, t in named], lambda: named, x=huge)
     nan = torch.ones(3)
     nan[1] = float("nan")
+    named = [("a", huge), ("b", nan), ("c", torch.ones(2))]
     with pytest.raises(ValueError, match=r"parameter 'b' of `model` holds non-finite"):
-        check_finite_parameters([("a", huge), ("b", nan), ("c", torch.ones(2))])
+        check_finite_parameters([t for _, t in named], lambda: named)
+    with pytest.raises(ValueError, match=r"parameter 'b' of `model` holds non-finite"):
+        check_finite_parameters([t for _, t in named], lambda: named, x=huge)
+    with pytest.raises(ValueError, match="`x` holds non-finite values"):  # x is named first
+        check_finite_parameters([t for _, t in named], lambda: named, x=nan)
     with pytest.raises(ValueError, match="`x` holds non-finite values"):
         curvop.TorchGGN(torch.nn.Linear(4, 2), "classification").diag(
             torch.full((3, 4), -3e38).index_put_((torch.tensor([2]), torch.tensor([3])),

@@ -24,7 +24,7 @@ from curvop import _checks
 from curvop._functional import Batch, FunctionalModel, PendingBatch
 from curvop._gram import gram_of_rows
 from curvop._kernels import differentiable_kernels, has_rnn
-from curvop._model_guard import model_guard
+from curvop._model_guard import ModelSnapshot, model_guard
 from curvop.errors import InputTypeError, NotSupportedError
 from curvop.feature_extractor import FeatureExtractor
 from curvop.likelihoods import Likelihood, TokenClassification
@@ -141,18 +141,22 @@ class CurvatureInterface:
             )
 
     def _batch(self, x: Tensor, y: Tensor | None, sel: ParameterSelection,
-               defer: bool = False) -> Batch | PendingBatch:
+               defer: bool = False, snap: ModelSnapshot | None = None) -> Batch | PendingBatch:
         """Validate ``x``/``y``, compute features (last layer) and outputs without a graph.
 
         Token-level outputs `(B, T, C)` are flattened to `(B, T·C)` (and regression targets
         with them); ``event_shape`` keeps `(T, C)`. With ``defer`` the outputs are left to the
-        caller's own forward pass (a :class:`~curvop._functional.PendingBatch`).
+        caller's own forward pass (a :class:`~curvop._functional.PendingBatch`). ``snap``, the
+        :func:`~curvop._model_guard.model_guard` snapshot taken on entry, lists the parameters
+        without another walk over the modules.
         """
-        _checks.check_inputs(x, sel.device)
+        _checks.check_inputs(x, sel.device, finite=False)
         _checks.check_no_batch_coupling(self.model)
         _checks.check_deterministic(self.model)
+        params = snap.params if snap is not None else list(self.model.parameters())
         _checks.check_finite_parameters(
-            (n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+            [p for p in params if p.requires_grad],
+            lambda: ((n, p) for n, p in self.model.named_parameters() if p.requires_grad), x)
         if self.last_layer:
             with torch.no_grad(), _checks.forbid_randomness(sel.device):
                 with differentiable_kernels(has_rnn(self.model)):
@@ -224,9 +228,9 @@ class CurvatureInterface:
             MemoryBudgetError: If ``Js`` cannot fit.
         """
         self._require("_jacobians", "jacobians")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, None, sel)
+            batch = self._batch(x, None, sel, snap=snap)
             self._check_result((batch.size, sel.num_params, batch.f.shape[1]), sel, "Js")
             Js = self._jacobians(batch)
         f = batch.f if batch.event_shape is None else batch.f.reshape(-1, *batch.event_shape)
@@ -269,9 +273,9 @@ class CurvatureInterface:
             InputError: On malformed ``x``/``y`` (batch sizes, label range, finiteness).
         """
         self._require("_gradients", "gradients")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, snap=snap)
             self._check_result((batch.size, sel.num_params), sel, "Gs")
             Gs = self._gradients(batch)
         return batch.loss(), Gs
@@ -292,10 +296,10 @@ class CurvatureInterface:
             MemoryBudgetError: If a `(P, P)` matrix cannot fit (raised before allocating).
         """
         self._require("_full", "full")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
             self._check_result((sel.num_params, sel.num_params), sel, "the full curvature")
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, snap=snap)
             H = self._full(batch)
         return batch.loss(), H
 
@@ -314,9 +318,9 @@ class CurvatureInterface:
             InputError: On malformed ``x``/``y``.
         """
         self._require("_diag", "diag")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, y, sel, defer="diag" in self._defers_forward)
+            batch = self._batch(x, y, sel, defer="diag" in self._defers_forward, snap=snap)
             h = self._diag(batch)
         return batch.loss(), h
 
@@ -339,17 +343,17 @@ class CurvatureInterface:
             InputError: On malformed ``x``/``y``.
         """
         self._require("_full_operator", "full_operator")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, snap=snap)
             op = self._full_operator(batch)
         return batch.loss(), op
 
     def _rebuild_operator(self, x: Tensor, y: Tensor, S: Tensor | None) -> LinearOperator:
         """``full_operator``'s operator again, with square-root columns ``S`` kept fixed."""
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, y, sel)
+            batch = self._batch(x, y, sel, snap=snap)
             if S is None:
                 return self._full_operator(batch)
             return GGNLinearOperator(*batch.theta, batch=batch, S=S)
@@ -449,9 +453,9 @@ class CurvatureInterface:
         """
         self._require("_kron", "kron")
         N = _checks.check_positive_int(N, "N")
-        with model_guard(self.model):
+        with model_guard(self.model) as snap:
             sel = self._selection()
-            batch = self._batch(x, y, sel, defer="kron" in self._defers_forward)
+            batch = self._batch(x, y, sel, defer="kron" in self._defers_forward, snap=snap)
             H = self._kron(batch, N, **kwargs)
         return batch.loss(), H
 
