@@ -33,23 +33,37 @@ evaluates the model sees the math kernels too. A model whose own ``forward`` sel
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 __all__ = ["differentiable_kernels", "kernel_settings", "has_rnn"]
 
-try:  # torch >= 2.3
+def _sdp_switches() -> list[tuple]:
+    """``(get, set, name)`` of every attention backend switch this torch has.
+
+    The flags ``torch.nn.attention.sdpa_kernel`` reads and writes, called directly: its Python
+    wrapper (a generator context manager rebuilding the backend list) costs 25 us per model
+    evaluation on one CPU thread, as much as a small layer's forward.
+    """
+    out = []
+    for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable"):
+        get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
+        put = getattr(torch._C, f"_set_sdp_use_{name}", None)
+        if get is not None and put is not None:
+            out.append((get, put, name))
+    return out
+
+
+_SDP = _sdp_switches()
+if not any(name == "math" for *_, name in _SDP):  # pragma: no cover - other torch builds
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _SDP = []
 
     def _math_attention():
         return sdpa_kernel(SDPBackend.MATH)
-except ImportError:  # pragma: no cover - torch < 2.3
-    def _math_attention():
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
-                                              enable_mem_efficient=False)
+else:
+    _math_attention = None
 
 
 def has_rnn(module: nn.Module) -> bool:
@@ -78,9 +92,10 @@ def _set_fastpath(value: bool) -> None:
         mha.set_fastpath_enabled(value)
 
 
-@contextlib.contextmanager
-def differentiable_kernels(rnn: bool = False) -> Iterator[None]:
+class differentiable_kernels:  # noqa: N801 - used like the context-manager function it was
     """Evaluate with kernels that have every derivative curvop takes; restore settings on exit.
+
+    A class rather than a generator function: it is entered on every model evaluation.
 
     Args:
         rnn: Switch cuDNN off too (for modules containing an RNN, see :func:`has_rnn`); other
@@ -95,15 +110,31 @@ def differentiable_kernels(rnn: bool = False) -> Iterator[None]:
         >>> kernel_settings() == before
         True
     """
-    fastpath = _get_fastpath()
-    cudnn = torch.backends.cudnn.enabled
-    try:
-        with _math_attention():
-            _set_fastpath(False)
-            if rnn:
-                torch.backends.cudnn.enabled = False
-            yield
-    finally:
+
+    __slots__ = ("rnn", "saved", "fallback")
+
+    def __init__(self, rnn: bool = False) -> None:
+        self.rnn = rnn
+
+    def __enter__(self) -> None:
+        # read everything before changing anything: an exception here leaves all as it was
+        self.saved = (_get_fastpath(), torch.backends.cudnn.enabled,
+                      [get() for get, _, _ in _SDP])
+        self.fallback = None if _math_attention is None else _math_attention()
+        if self.fallback is not None:
+            self.fallback.__enter__()
+        for _, put, name in _SDP:
+            put(name == "math")
+        _set_fastpath(False)
+        if self.rnn:
+            torch.backends.cudnn.enabled = False
+
+    def __exit__(self, *exc) -> None:
+        fastpath, cudnn, sdp = self.saved
         _set_fastpath(fastpath)
-        if rnn:
+        if self.rnn:
             torch.backends.cudnn.enabled = cudnn
+        for (_, put, _), value in zip(_SDP, sdp):
+            put(value)
+        if self.fallback is not None:
+            self.fallback.__exit__(*exc)
