@@ -66,21 +66,21 @@ def _block_size(X: Tensor) -> int:
     return d
 
 
-def gram_upper_(out: Tensor, X: Tensor, overwrite: bool = False) -> Tensor:
+def gram_upper_(out: Tensor, X: Tensor, overwrite: bool = False, alpha: float = 1.0) -> Tensor:
     """Add ``X Xᵀ`` to ``out`` `(d, d)` at least on and above the diagonal blocks.
 
     Below the diagonal blocks ``out`` is left stale where the product was split; call
     :func:`mirror_upper_` once after the last addition. ``X`` `(d, m)` may have any strides.
     With ``overwrite`` the product replaces what ``out`` held (``beta = 0``: an uninitialised
-    ``out``, even one holding nan, needs no zero fill first).
+    ``out``, even one holding nan, needs no zero fill first). ``alpha`` scales the product.
     """
     d = X.shape[0]
     bs = _block_size(X)
     beta = 0 if overwrite else 1
     if bs >= d:
-        return out.addmm_(X, X.mT, beta=beta)
+        return out.addmm_(X, X.mT, beta=beta, alpha=alpha)
     for i0 in range(0, d, bs):
-        out[i0:i0 + bs, i0:].addmm_(X[i0:i0 + bs], X[i0:].mT, beta=beta)
+        out[i0:i0 + bs, i0:].addmm_(X[i0:i0 + bs], X[i0:].mT, beta=beta, alpha=alpha)
     return out
 
 
@@ -107,15 +107,19 @@ def mirror_upper_(out: Tensor, block: int = MIRROR_BLOCK) -> Tensor:
     return out
 
 
-def gram(X: Tensor, out: Tensor | None = None) -> Tensor:
-    """``X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out`` if given."""
+def gram(X: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """``alpha X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out`` if given.
+
+    The scaling is the GEMM's own (no separate kernel).
+    """
     d = X.shape[0]
     if _block_size(X) >= d:
-        F = symmetrized(X @ X.mT)
+        F = X @ X.mT if alpha == 1.0 else X.new_empty(d, d).addmm_(X, X.mT, beta=0, alpha=alpha)
+        F = symmetrized(F)
         return F if out is None else out.add_(F)
     if out is None:
-        return mirror_upper_(gram_upper_(X.new_empty(d, d), X, overwrite=True))
-    return mirror_upper_(gram_upper_(out, X))
+        return mirror_upper_(gram_upper_(X.new_empty(d, d), X, overwrite=True, alpha=alpha))
+    return mirror_upper_(gram_upper_(out, X, alpha=alpha))
 
 
 def gram_of_rows(chunks: Iterable[Tensor], like: Tensor, P: int) -> Tensor:

@@ -156,6 +156,7 @@ class _Sums:
     B: list[Tensor] | None = None
     C: Tensor | None = None
     T: int | tuple[int, ...] = 1  # positions; per group where groups were padded (attention)
+    scaled: bool = False  # B already divided by the data-set size (in its Gram matrix)
 
 
 #: largest `(b, d, d)` stack of per-sample Gram matrices formed at once by :func:`_gram_sum`
@@ -189,11 +190,13 @@ def _gram_sum(X: Tensor, out: Tensor | None = None) -> Tensor:
     return total if out is None else out.add_(total)
 
 
-def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
-    """Add one chunk's sums of layer ``t`` to ``s`` (no scaling by ``N`` yet).
+def _accumulate(t: Tap, approx: str, s: _Sums, N: int, inputs: bool = True) -> None:
+    """Add one chunk's sums of layer ``t`` to ``s``.
 
     The output side from ``t.g`` (the columns at hand), the input side from ``t.a`` only with
-    ``inputs`` (once per chunk of samples, whatever the blocks of columns).
+    ``inputs`` (once per chunk of samples, whatever the blocks of columns). The input side is
+    divided by ``N`` here for a plain Linear layer (``s.scaled``), in :func:`_layer_blocks`
+    otherwise.
     """
     a, g = t.a, t.g  # (n, G, T, I), (K, n, G, T, O)
     K, n, G, T, d_out = g.shape
@@ -207,7 +210,8 @@ def _accumulate(t: Tap, approx: str, s: _Sums, inputs: bool = True) -> None:
         s.A = [_gram(g2)] if s.A is None else [_gram(g2, s.A[0])]
         if inputs:
             a2 = a.reshape(n, -1).mT
-            s.B = [_gram(a2)] if s.B is None else [_gram(a2, s.B[0])]
+            s.B = [_gram(a2, None if s.B is None else s.B[0], alpha=1.0 / N)]
+            s.scaled = True
     elif t.has_weight:
         # per group `(b, features, data points)`, viewed where the strides allow
         if T == 1:
@@ -267,13 +271,13 @@ def _tap_chunk(batch: Batch, S: Tensor, rows: slice, verified: set | None, block
                             fold=_fold_columns(batch.sel.device))
 
 
-def _add_chunk(taps: list[Tap], more, approx: str, sums: dict[str, _Sums]) -> None:
+def _add_chunk(taps: list[Tap], more, approx: str, sums: dict[str, _Sums], N: int) -> None:
     """Accumulate a chunk's taps over every block of columns, then free them."""
     for t in taps:
-        _accumulate(t, approx, sums[t.name])
+        _accumulate(t, approx, sums[t.name], N)
     for _ in more:
         for t in taps:
-            _accumulate(t, approx, sums[t.name], inputs=False)
+            _accumulate(t, approx, sums[t.name], N, inputs=False)
     for t in taps:
         t.a = t.g = t.out = None
 
@@ -284,7 +288,7 @@ def _layer_blocks(t: Tap, s: _Sums, N: int, approx: str) -> dict[int, list[list[
     slots = iter(t.param_slots)
     if t.has_weight:
         Ts = s.T if isinstance(s.T, tuple) else (s.T,) * len(s.A)
-        blocks = [[A, B.div_(N * T if approx == "expand" else N)]
+        blocks = [[A, B if s.scaled else B.div_(N * T if approx == "expand" else N)]
                   for A, B, T in zip(s.A, s.B, Ts)]
         # a weight stored (I, O) (Embedding): the input side is the first factor
         out[next(slots)] = [blk[::-1] for blk in blocks] if t.transposed else blocks
@@ -440,7 +444,7 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
                batch.sel.device, "the Kronecker factors", max_bytes)
     names = [t.name for t in taps]
     sums = {t.name: _Sums() for t in taps}
-    _add_chunk(taps, more, approx, sums)
+    _add_chunk(taps, more, approx, sums, N)
     start = first.stop
     while start < B:
         rows = slice(start, start + chunk_size(batch.budget, per_sample, B - start))
@@ -449,7 +453,7 @@ def kfac(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], N: 
             raise NotSupportedError(
                 f"{owner}.kron: the layers that can be tapped differ between samples "
                 f"({names} for the first samples, {[t.name for t in chunk_taps]} later)")
-        _add_chunk(chunk_taps, more, approx, sums)
+        _add_chunk(chunk_taps, more, approx, sums, N)
         start = rows.stop
     blocks: dict[int, list[list[Tensor]]] = {}
     for t in taps:

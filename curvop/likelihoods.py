@@ -75,14 +75,16 @@ def sample_categorical(p: Tensor, num_samples: int,
     return (p.unsqueeze(1) / q).argmax(-1)
 
 
-def one_hot(labels: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
-    """``F.one_hot(labels, classes).to(dtype)`` for labels known to lie in ``[0, classes)``.
+def minus_one_hot(p: Tensor, labels: Tensor) -> Tensor:
+    """``p - F.one_hot(labels, C).to(p.dtype)`` for labels known to lie in ``[0, C)``.
 
-    ``F.one_hot`` checks the labels' range with a host synchronisation on CUDA; the labels here
-    are checked targets or draws from the model's predictive, so a comparison with
-    ``arange(classes)`` (one kernel, no synchronisation) gives the same matrix.
+    ``p`` `(..., C)` broadcasts against the labels `(*L,)`; the result is `(*L, C)`. One copy and
+    one scatter: ``F.one_hot`` checks the labels' range with a host synchronisation on CUDA and
+    builds the whole one-hot matrix (three kernels) before the subtraction; the labels here are
+    checked targets or draws from the model's predictive.
     """
-    return (labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)).to(dtype)
+    return p.expand(*labels.shape, p.shape[-1]).scatter(-1, labels.unsqueeze(-1), -1.0,
+                                                        reduce="add")
 
 
 class Likelihood(enum.Enum):
@@ -158,7 +160,7 @@ class Likelihood(enum.Enum):
         if self is Likelihood.REGRESSION:
             return f - y
         p = torch.softmax(f, dim=-1)
-        return p - one_hot(y, f.shape[-1], f.dtype)
+        return minus_one_hot(p, y)
 
     def sampled_sqrt_output_hessian(
         self, f: Tensor, num_samples: int, generator: torch.Generator | None,
@@ -177,9 +179,8 @@ class Likelihood(enum.Enum):
         fd = f.detach().to(sample_device)
         if self is Likelihood.CLASSIFICATION:
             p = torch.softmax(fd, dim=-1)
-            labels = sample_categorical(p, num_samples, generator)
-            onehot = one_hot(labels, C, p.dtype)  # (B, K, C)
-            g = p.unsqueeze(1) - onehot
+            labels = sample_categorical(p, num_samples, generator)  # (B, K)
+            g = minus_one_hot(p.unsqueeze(1), labels)  # (B, K, C)
         else:
             g = -torch.randn(
                 (B, num_samples, C), dtype=fd.dtype, device=sample_device, generator=generator
@@ -243,7 +244,7 @@ class TokenClassification:
         """``p_t - onehot(y_t)`` per counted token, zero for ignored ones: `(B, T·C)`."""
         p = torch.softmax(self._tokens(f), dim=-1)
         labels = torch.where(y == self.ignore_index, 0, y)
-        g = p - one_hot(labels, self.classes, p.dtype)
+        g = minus_one_hot(p, labels)
         return (g * self._mask(y, p)).flatten(-2)
 
     def sqrt_output_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
@@ -289,8 +290,7 @@ class TokenClassification:
         T, C = p.shape[1], self.classes
         labels = sample_categorical(p.reshape(B * T, C), num_samples,
                                     generator).reshape(B, T, num_samples)
-        onehot = one_hot(labels, C, p.dtype)  # (B, T, K, C)
-        g = (p.unsqueeze(2) - onehot).to(f.device)
+        g = minus_one_hot(p.unsqueeze(2), labels).to(f.device)  # (B, T, K, C)
         if num_samples > 1:
             g = g / math.sqrt(num_samples)
         if y is not None:
