@@ -108,9 +108,9 @@ def mirror_upper_(out: Tensor, block: int = MIRROR_BLOCK) -> Tensor:
 
 
 def gram(X: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """``alpha X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out`` if given.
+    """``alpha X Xᵀ`` for ``X`` `(d, m)` (any strides), exactly symmetric; added to ``out``.
 
-    The scaling is the GEMM's own (no separate kernel).
+    ``out`` is optional; the scaling is the GEMM's own (no separate kernel).
     """
     d = X.shape[0]
     if _block_size(X) >= d:

@@ -74,6 +74,11 @@ class Tap:
         return self.handler.transposed
 
 
+#: structures (module, selection, input shape, tapped layers) whose forward changes a tapped
+#: layer's output in place: their taps keep copies (see :func:`_tap`)
+_CHANGED_IN_PLACE: set[tuple] = set()
+
+
 @dataclass
 class Unhandled:
     """A module owning live parameters that no tap covers, and why."""
@@ -267,30 +272,50 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
     reps = block if fold and block is not None and block > 1 and not attention else 1
     x = batch.x if reps == 1 else batch.x.repeat(reps, *[1] * (batch.x.dim() - 1))
 
+    # A layer's output is differentiated as it leaves the layer. The model goes on with that
+    # very tensor (no copy per layer and call) unless the structure is known to change it in
+    # place later (an in-place activation): then it goes on with a copy, and the tap keeps the
+    # original. An in-place change bumps the tensor's version, so a forward that changed one
+    # is redone with copies, and the structure remembered.
+    structure = (id(batch.fm.module), tuple(batch.sel.names), tuple(batch.x.shape[1:]),
+                 tuple(t.name for t in taps))
+    versions: dict[int, int] = {}
+
     def record(module: nn.Module, a: Tensor, output: Tensor) -> Tensor:
         tap = by_module[id(module)]
         calls[id(module)] = calls.get(id(module), 0) + 1
         tap.a = tap.handler.inputs(module, a.detach()[:n] if reps > 1 else a.detach())
         tap.out = output
-        return output.clone()
+        if clone:
+            return output.clone()
+        versions[id(module)] = output._version
+        return output
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         return record(module, inputs[0], output)
 
     inside = {id(m.out_proj) for m in attention}  # tapped through attention_forward
-    handles = [t.module.register_forward_hook(hook) for t in taps
-               if t.handler.kind == "hook" and id(t.module) not in inside]
     pending = isinstance(batch, PendingBatch)
-    try:
-        with torch.enable_grad(), batch.guard() if pending else contextlib.nullcontext():
-            if attention:
-                with _AttentionTaps(attention, by_module, record, handles):
+    clone = structure in _CHANGED_IN_PLACE
+    while True:
+        handles = [t.module.register_forward_hook(hook) for t in taps
+                   if t.handler.kind == "hook" and id(t.module) not in inside]
+        try:
+            with torch.enable_grad(), batch.guard() if pending else contextlib.nullcontext():
+                if attention:
+                    with _AttentionTaps(attention, by_module, record, handles):
+                        f_raw = batch.fm.forward(theta, x)
+                else:
                     f_raw = batch.fm.forward(theta, x)
-            else:
-                f_raw = batch.fm.forward(theta, x)
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            for h in handles:
+                h.remove()
+        if clone or all(by_module[i].out._version == v for i, v in versions.items()):
+            break
+        _CHANGED_IN_PLACE.add(structure)
+        clone = True
+        calls.clear()
+        versions.clear()
     f = f_raw.flatten(1) if f_raw.dim() > 2 else f_raw  # as FunctionalModel.__call__
     if pending:  # this forward gives the batch its outputs, and S comes from them
         S = S(batch.complete(f_raw[:n] if reps > 1 else f_raw))
@@ -312,8 +337,7 @@ def _tap(batch: Batch | PendingBatch, S: Tensor | Callable[[Batch], Tensor], tap
         cols = _FoldedColumns(cols, reps)
     # the tapped layers are part of the structure: callers that tap Embedding layers
     # (``transposed=True``) and callers that do not share a cache without skipping a check
-    key = (id(batch.fm.module), tuple(batch.sel.names), tuple(batch.x.shape[1:]),
-           batch.x.dtype, tuple(t.name for t in taps))
+    key = (*structure, batch.x.dtype)
     check = verified is None or key not in verified
     with torch.enable_grad():
         if check:

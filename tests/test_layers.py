@@ -117,6 +117,43 @@ def test_inplace_relu_does_not_corrupt_taps():
                                rtol=1e-10, atol=1e-12)
 
 
+def test_output_changed_in_place_is_tapped_from_a_copy_and_remembered():
+    """Taps differentiate a layer's output uncopied unless the forward changes it in place.
+
+    A forward that does (in-place ReLU, in-place scaling of the model's output) is redone with
+    copies, and its structure is remembered so that later calls copy from the start; the
+    curvature is the one of the same model without in-place operations.
+    """
+    from curvop import _taps
+
+    class Scaled(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.inplace = inplace
+            self.net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=inplace), nn.Linear(4, 3))
+
+        def forward(self, x):
+            out = self.net(x)
+            return out.mul_(2.0) if self.inplace else out * 2.0
+
+    torch.manual_seed(0)
+    plain, inplace = Scaled(False).double(), Scaled(True).double()
+    inplace.load_state_dict(plain.state_dict())
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ggn = curvop.TorchGGN(inplace, "classification")
+    before = {k for k in _taps._CHANGED_IN_PLACE if k[0] == id(inplace)}
+    assert not before
+    for _ in range(2):  # the second call copies from the start
+        K = ggn.kron(x, y, 6)[1].to_dense()
+        assert {k for k in _taps._CHANGED_IN_PLACE if k[0] == id(inplace)}
+        torch.testing.assert_close(
+            K, curvop.TorchGGN(plain, "classification").kron(x, y, 6)[1].to_dense(),
+            rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ggn.diag(x, y)[1], ref.ggn(plain, x, y, "classification")
+                               .diagonal(), rtol=1e-10, atol=1e-12)
+    assert not {k for k in _taps._CHANGED_IN_PLACE if k[0] == id(plain)}
+
+
 # --- nn.Embedding ---------------------------------------------------------------------------
 
 
