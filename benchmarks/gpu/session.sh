@@ -9,7 +9,7 @@
 #                (python -m benchmarks.report benchmarks/results), name the card in the note.
 #
 # Budgets (seconds; override by environment; 0 skips the stage): TESTS_S for the CUDA tests,
-# BENCH_S for the benchmarks, BENCH_TASKS / BENCH_PROBLEMS / BENCH_REPEATS to narrow them.
+# GRAPHS_S for the CUDA-graph probe, BENCH_S for the benchmarks, BENCH_TASKS / BENCH_PROBLEMS / BENCH_REPEATS to narrow them.
 # Each stage is cut at its budget and the script goes on, so a slow stage cannot cost the
 # others their results.
 set -uo pipefail
@@ -23,6 +23,7 @@ BENCH_S=${BENCH_S:-240}
 FULL_S=${FULL_S:-60}
 PROFILE_S=${PROFILE_S:-60}
 PROBE_S=${PROBE_S:-0}  # the fold/vmap/loop probe: off unless asked for
+GRAPHS_S=${GRAPHS_S:-0}  # the CUDA-graph probe (benchmarks/gpu/probe_graphs.py): off unless asked for
 BENCH_PROBLEMS=${BENCH_PROBLEMS:-mlp cnn mlp_layernorm transformer}
 BENCH_TASKS=${BENCH_TASKS:-baseline operator_build ggn_product matmat16 hvp kfac_exact kfac_mc}
 DEVICE=${DEVICE:-cuda}
@@ -52,6 +53,12 @@ if [ "$TESTS_S" -gt 0 ]; then
   timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -n 8 -x \
     -k "cuda or gpu" -m "not montecarlo and not slow" -rfE --tb=short tests 2>&1 | tail -60 | tee -a "$OUT/log.txt"
   timeout 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+fi
+
+if [ "$GRAPHS_S" -gt 0 ]; then
+  echo "== products replayed as CUDA graphs, ${GRAPHS_S}s" | tee -a "$OUT/log.txt"
+  timeout "$GRAPHS_S" "$PY" -m benchmarks.gpu.probe_graphs 2>&1 | grep -v -i -E "warn|USDT" \
+    | tee -a "$OUT/log.txt"
 fi
 
 echo "== benchmarks on $DEVICE: $BENCH_PROBLEMS / $BENCH_TASKS, ${BENCH_S}s" | tee -a "$OUT/log.txt"
