@@ -25,6 +25,8 @@ from curvop.operators import (
     HessianLinearOperator,
     Kron,
     KronAddedDiag,
+    cuda_graphs_enabled,
+    use_cuda_graphs,
 )
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "Kron",
     "DampedKron",
     "KronAddedDiag",
+    "use_cuda_graphs",
+    "cuda_graphs_enabled",
 ]
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ Fisher replaces it by ``K = num_samples`` sampled output gradients scaled by
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -75,16 +76,22 @@ def sample_categorical(p: Tensor, num_samples: int,
     return (p.unsqueeze(1) / q).argmax(-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _classes(C: int, device: torch.device) -> Tensor:
+    """``arange(C)`` on ``device``, made once per size and device."""
+    return torch.arange(C, device=device)
+
+
 def minus_one_hot(p: Tensor, labels: Tensor) -> Tensor:
     """``p - F.one_hot(labels, C).to(p.dtype)`` for labels known to lie in ``[0, C)``.
 
-    ``p`` `(..., C)` broadcasts against the labels `(*L,)`; the result is `(*L, C)`. One copy and
-    one scatter: ``F.one_hot`` checks the labels' range with a host synchronisation on CUDA and
-    builds the whole one-hot matrix (three kernels) before the subtraction; the labels here are
-    checked targets or draws from the model's predictive.
+    ``p`` `(..., C)` broadcasts against the labels `(*L,)`; the result is `(*L, C)`. A comparison
+    with a cached ``arange(C)``, a cast and a subtraction, all elementwise: ``F.one_hot`` checks
+    the labels' range with a host synchronisation on CUDA, and the labels here are checked
+    targets or draws from the model's predictive.
     """
-    return p.expand(*labels.shape, p.shape[-1]).scatter(-1, labels.unsqueeze(-1), -1.0,
-                                                        reduce="add")
+    hot = labels.unsqueeze(-1) == _classes(p.shape[-1], labels.device)
+    return p - hot.to(p.dtype)
 
 
 class Likelihood(enum.Enum):

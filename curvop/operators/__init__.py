@@ -1,5 +1,6 @@
 """Lazy curvature operators (``linear_operator.LinearOperator`` subclasses)."""
 
+from curvop.operators._graphs import cuda_graphs_enabled, use_cuda_graphs
 from curvop.operators.ef import EFLinearOperator
 from curvop.operators.ggn import GGNLinearOperator
 from curvop.operators.hessian import HessianLinearOperator
@@ -13,4 +14,6 @@ __all__ = [
     "Kron",
     "DampedKron",
     "KronAddedDiag",
+    "use_cuda_graphs",
+    "cuda_graphs_enabled",
 ]

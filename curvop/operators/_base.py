@@ -24,6 +24,7 @@ from torch import Tensor
 from curvop import _checks
 from curvop._functional import Batch, chunk_size
 from curvop.errors import NotSupportedError
+from curvop.operators._graphs import matmat as graphed_matmat
 
 __all__ = ["CurvatureLinearOperator", "entries_by_products"]
 
@@ -145,10 +146,11 @@ class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
         per_col = 6 * (b.sel.num_live + b.f.numel()) * b.itemsize + b.x.numel() * b.itemsize
         n = chunk_size(b.budget, per_col, cols.shape[0])
         products = self.products
+        # on a GPU, repeated products of one shape are replayed as CUDA graphs (see _graphs)
         if n >= cols.shape[0]:
-            out = products.matmat(cols)
+            out = graphed_matmat(products, cols)
         else:
-            out = torch.cat([products.matmat(cols[i: i + n])
+            out = torch.cat([graphed_matmat(products, cols[i: i + n])
                              for i in range(0, cols.shape[0], n)])
         if rhs.dim() == 1:
             return out[0]
