@@ -439,26 +439,29 @@ def check_square_operator(op: object, name: str = "op"):
     return op
 
 
-#: (time.monotonic() of the reading, bytes) of the last CPU reading of available RAM
-_CPU_AVAILABLE: list = [-1.0, 0]
-#: seconds a CPU reading is reused: reading /proc/meminfo costs about 50 us, a noticeable part
-#: of a small model's call, and these checks only guard against requests far beyond the RAM
-_CPU_AVAILABLE_TTL = 0.5
+#: (time.monotonic() of the reading, bytes) of the last reading of the memory free, per device
+_AVAILABLE: dict[torch.device, tuple[float, int]] = {}
+#: seconds a reading is reused: reading /proc/meminfo costs about 50 us and a CUDA driver query
+#: is not free either, a noticeable part of a small model's call, and these checks only guard
+#: against requests far beyond the memory (one that a stale reading lets through is read again)
+_AVAILABLE_TTL = 0.5
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now (CUDA: ``mem_get_info``; CPU: available RAM).
+def available_bytes(device: torch.device, fresh: bool = False) -> int:
+    """Memory free on ``device`` (CUDA: ``mem_get_info``; CPU: available RAM).
 
-    The CPU reading is reused for half a second.
+    A reading is reused for half a second unless ``fresh``.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
     now = time.monotonic()
-    if now - _CPU_AVAILABLE[0] < _CPU_AVAILABLE_TTL:
-        return _CPU_AVAILABLE[1]
-    _CPU_AVAILABLE[:] = [now, _read_cpu_available()]
-    return _CPU_AVAILABLE[1]
+    last = _AVAILABLE.get(device)
+    if not fresh and last is not None and now - last[0] < _AVAILABLE_TTL:
+        return last[1]
+    if device.type == "cuda":
+        free = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        free = _read_cpu_available()
+    _AVAILABLE[device] = (now, free)
+    return free
 
 
 def _read_cpu_available() -> int:
@@ -504,6 +507,8 @@ def check_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
         numel *= int(s)
     need = numel * torch.empty((), dtype=dtype).element_size()
     limit = max_bytes if max_bytes is not None else available_bytes(device)
+    if need > limit and max_bytes is None:  # a reused reading may be stale: read again
+        limit = available_bytes(device, fresh=True)
     if need > limit:
         raise MemoryBudgetError(
             f"{what} of shape {tuple(shape)} ({dtype}) needs {format_bytes(need)}, more than "

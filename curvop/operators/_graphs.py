@@ -17,9 +17,9 @@ Written here because ``torch.cuda.make_graphed_callables`` graphs a function *an
 for autograd; a product is a fixed function of its columns without autograd, for which a plain
 capture is enough. A product is replayed only where that is safe: a CUDA tensor that needs no
 gradient (or grad mode off), no ``torch.func`` transform around it, no capture already running,
-no autocast. A shape whose capture fails runs eagerly (a capture is retried once: the first
-capture in a process can trip over lazily initialised libraries). Each captured shape keeps its
-own memory pool (one product's intermediates) while the operator lives; at most
+no autocast. A shape whose capture fails runs eagerly (after :data:`MAX_FAILURES` tries: the
+first capture in a process can trip over lazily initialised libraries). Each captured shape
+keeps its own memory pool (one product's intermediates) while the operator lives; at most
 :data:`MAX_SHAPES` shapes are captured per operator. :func:`use_cuda_graphs` switches it off
 (and on) for the whole process.
 """
@@ -34,7 +34,9 @@ __all__ = ["use_cuda_graphs", "cuda_graphs_enabled", "matmat", "MAX_SHAPES"]
 #: shapes `(k, P)` captured per operator at most (each holds a memory pool)
 MAX_SHAPES = 4
 #: failed captures after which a shape stays eager
-MAX_FAILURES = 2
+MAX_FAILURES = 3
+#: eager products run on the capture's own stream before it is recorded
+WARMUPS = 2
 
 _enabled = True
 
@@ -101,25 +103,38 @@ class _Replay:
 
 
 class _Slot:
-    """What is known about one shape: eager products so far, failed captures, the replay."""
+    """What is known about one shape: eager products so far, failed captures, the replay.
 
-    __slots__ = ("calls", "failures", "replay")
+    ``error`` keeps the last failed capture's exception, for diagnosis.
+    """
+
+    __slots__ = ("calls", "failures", "replay", "error")
 
     def __init__(self) -> None:
-        self.calls, self.failures, self.replay = 0, 0, None
+        self.calls, self.failures, self.replay, self.error = 0, 0, None, None
 
 
 def _capture(fn, V: Tensor) -> _Replay:
+    """Record ``fn`` at a static copy of ``V``.
+
+    The warm-up runs on the very stream that is then captured: the backward passes of a product
+    run on the autograd engine's device thread, whose per-stream library state (cuBLAS
+    workspaces) must exist before the capture. ``thread_local`` capture errors: that thread is
+    not the capturing one, and what it may set up lazily is not the capture's business.
+    """
     device = V.device
     static_in = V.detach().clone()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # a warm-up on a side stream, as torch's notes on graphs ask
-        fn(static_in)
-    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.cuda.stream(side):
+        for _ in range(WARMUPS):
+            fn(static_in)
+    side.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph):
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=side,
+                                                     capture_error_mode="thread_local"):
         static_out = fn(static_in)
+    torch.cuda.current_stream(device).wait_stream(side)
     return _Replay(graph, static_in, static_out)
 
 
@@ -152,7 +167,8 @@ def matmat(products, V: Tensor) -> Tensor:
         return products.matmat(V)
     try:
         slot.replay = _capture(products.matmat, V)
-    except Exception:  # noqa: BLE001 - whatever a capture cannot hold runs eagerly
+    except Exception as e:  # noqa: BLE001 - whatever a capture cannot hold runs eagerly
         slot.failures += 1
+        slot.error = e
         return products.matmat(V)
     return slot.replay(V)

@@ -170,7 +170,7 @@ def test_refinement_and_errors():
         import curvop._checks as checks
         checks_orig = checks.available_bytes
         try:
-            checks.available_bytes = lambda device: 10
+            checks.available_bytes = lambda device, fresh=False: 10
             DataSpaceDual(op).gram()
         finally:
             checks.available_bytes = checks_orig

@@ -59,8 +59,8 @@ def test_cuda_replays_equal_eager_products(kind, dtype):
     for _ in range(3):
         torch.testing.assert_close(op @ V, eager_V, **tol)
     slots = _slots(op)
-    assert (1, P) in slots and slots[(1, P)].replay is not None
-    assert (3, P) in slots and slots[(3, P)].replay is not None
+    assert (1, P) in slots and slots[(1, P)].replay is not None, slots[(1, P)].error
+    assert (3, P) in slots and slots[(3, P)].replay is not None, slots[(3, P)].error
     out = op @ vs[0]
     assert out.data_ptr() != slots[(1, P)].replay.static_out.data_ptr()  # a tensor of its own
     # a right-hand side that needs a gradient runs eagerly, and its gradient is right
