@@ -233,6 +233,28 @@ def _curvop_operator(cls_name: str, ncols: int | None = None, stochastic: bool =
     return setup
 
 
+def _without_cuda_graphs(setup: Callable[[Problem], Thunk]) -> Callable[[Problem], Thunk]:
+    """The same entry with every product eager (``curvop.use_cuda_graphs(False)``), on CUDA."""
+
+    def wrapped(problem: Problem) -> Thunk:
+        if problem.device.type != "cuda":
+            raise Skipped("CUDA graphs exist on CUDA only: the same as the default entry")
+        import curvop
+
+        thunk = setup(problem)
+
+        def eager():
+            curvop.use_cuda_graphs(False)
+            try:
+                return thunk()
+            finally:
+                curvop.use_cuda_graphs(True)
+
+        return eager
+
+    return wrapped
+
+
 def _curvlinops_operator(cls_name: str, ncols: int | None = None,
                          build_only: bool = False) -> Callable[[Problem], Thunk]:
     """Setup for ``op @ v`` with a curvlinops operator on the single batch."""
@@ -527,6 +549,11 @@ def _build_registry() -> None:
         suffix = "matvec" if ncols is None else f"matmat{ncols}"
         r(f"curvop.Torch{kind}.{suffix}", task, _curvop_operator(f"Torch{kind}", ncols),
           reference=True)
+        if kind in ("GGN", "Hessian"):
+            r(f"curvop.Torch{kind}.{suffix}[eager]", task,
+              _without_cuda_graphs(_curvop_operator(f"Torch{kind}", ncols)),
+              "CUDA only: every product eager (curvop.use_cuda_graphs(False)), not replayed "
+              "as a CUDA graph")
         r(f"curvlinops.{peer}.{suffix}", task, _curvlinops_operator(peer, ncols))
     r("curvop.TorchGGN[mc].matvec", "fisher_mc_product",
       _curvop_operator("TorchGGN", stochastic=True), reference=True)

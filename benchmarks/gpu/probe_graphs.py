@@ -7,7 +7,10 @@ product ``V ↦ op @ V`` into a ``torch.cuda.CUDAGraph`` are tried, each reporte
 not (with the error), its replay's largest relative difference from the eager product, and
 its time (copy in, replay, copy out) next to the eager product and one forward + backward:
 
-- ``default``: the operator's cached graph recorded on the default stream, as now;
+- ``default``: the operator's own cached graph (``op.products``; recorded on a stream of its own
+  since a first probe, on an H100 with torch 2.11, found that one recorded on the legacy default
+  stream cannot be captured: "operation would make the legacy stream depend on a capturing
+  blocking stream");
 - ``side``: the operator's cached graph recorded on a side stream of its own;
 - ``rebuild``: the linearisation itself recorded inside the capture (forward included).
 """

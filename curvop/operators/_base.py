@@ -24,6 +24,7 @@ from torch import Tensor
 from curvop import _checks
 from curvop._functional import Batch, chunk_size
 from curvop.errors import NotSupportedError
+from curvop.operators._graphs import linearized
 from curvop.operators._graphs import matmat as graphed_matmat
 
 __all__ = ["CurvatureLinearOperator", "entries_by_products"]
@@ -121,7 +122,7 @@ class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
         """The cached linearisation (built on the first product), per dtype and device."""
         key = (self.dtype, self.device)
         if key not in self._shared:
-            self._shared[key] = self._make_products()
+            self._shared[key] = linearized(self._make_products, self.device)
         return self._shared[key]
 
     def linearize(self) -> CurvatureLinearOperator:

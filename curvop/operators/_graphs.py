@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["use_cuda_graphs", "cuda_graphs_enabled", "matmat", "MAX_SHAPES"]
+__all__ = ["use_cuda_graphs", "cuda_graphs_enabled", "matmat", "linearized", "MAX_SHAPES"]
 
 #: shapes `(k, P)` captured per operator at most (each holds a memory pool)
 MAX_SHAPES = 4
@@ -114,13 +114,48 @@ class _Slot:
         self.calls, self.failures, self.replay, self.error = 0, 0, None, None
 
 
+def linearized(make, device: torch.device):
+    """``make()`` (an operator's products: its cached graph), on a stream of its own on CUDA.
+
+    The backward passes of a product run on the stream their forward ran on. Recorded on the
+    legacy default stream, they could never be captured ("operation would make the legacy
+    stream depend on a capturing blocking stream"); recorded on a stream of their own, the
+    autograd engine orders them after the caller's stream and the caller's after them, eagerly
+    and inside a capture alike.
+    """
+    if device.type != "cuda":
+        return make()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        products = make()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return products
+
+
+def _end_failed_capture(device: torch.device) -> None:
+    """Leave CUDA's random generator usable after a capture that failed.
+
+    A capture that fails midway never runs the generator's end-of-capture step, and every later
+    random draw on the device would raise ("Offset increment outside graph capture"); a trivial
+    capture that succeeds runs it.
+    """
+    try:
+        stream = torch.cuda.Stream(device)
+        x = torch.zeros(1, device=device)
+        with torch.cuda.device(device), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
+            x.add_(1)
+    except Exception:  # noqa: BLE001 - nothing more to be done here
+        pass
+
+
 def _capture(fn, V: Tensor) -> _Replay:
     """Record ``fn`` at a static copy of ``V``.
 
-    The warm-up runs on the very stream that is then captured: the backward passes of a product
-    run on the autograd engine's device thread, whose per-stream library state (cuBLAS
-    workspaces) must exist before the capture. ``thread_local`` capture errors: that thread is
-    not the capturing one, and what it may set up lazily is not the capture's business.
+    The warm-up runs on the very stream that is then captured (per-stream library state such
+    as cuBLAS workspaces then exists before the capture). ``thread_local`` capture errors: the
+    backward passes run on the autograd engine's device thread, not the capturing one, and
+    another thread's unrelated work (a data loader pinning memory) must not spoil a capture.
     """
     device = V.device
     static_in = V.detach().clone()
@@ -170,5 +205,6 @@ def matmat(products, V: Tensor) -> Tensor:
     except Exception as e:  # noqa: BLE001 - whatever a capture cannot hold runs eagerly
         slot.failures += 1
         slot.error = e
+        _end_failed_capture(V.device)
         return products.matmat(V)
     return slot.replay(V)

@@ -82,3 +82,32 @@ def test_cuda_graphs_switched_off_record_nothing():
         curvop.use_cuda_graphs(True)
     assert not _slots(op)
     assert _graphs.MAX_SHAPES >= 2
+
+
+@pytest.mark.gpu
+def test_cuda_failed_capture_runs_eagerly_and_leaves_the_generator_usable():
+    """A product that cannot be captured (it synchronises with the host) runs eagerly after
+    :data:`MAX_FAILURES` tries, and random draws on the device still work afterwards."""
+
+    class Syncing:
+        def matmat(self, V):
+            float(V.sum())  # a host synchronisation: no capture can hold it
+            return 2 * V
+
+    products = Syncing()
+    V = torch.randn(2, 5, device="cuda")
+    for _ in range(_graphs.MAX_FAILURES + 2):
+        torch.testing.assert_close(_graphs.matmat(products, V), 2 * V)
+    slot = products._cuda_graphs[(2, 5)]
+    assert slot.replay is None and slot.failures == _graphs.MAX_FAILURES
+    assert slot.error is not None
+    assert torch.randn(3, device="cuda").isfinite().all()  # the generator is usable
+    # and a capturable operator is still captured afterwards, with MC draws around it
+    model, x, y = Case("tanh_mlp", "classification", device="cuda").build()
+    ggn = curvop.TorchGGN(model, "classification", stochastic=True)
+    _, op = ggn.full_operator(x, y)
+    v = torch.randn(op.shape[0], device="cuda", dtype=op.dtype)
+    outs = [op @ v for _ in range(3)]
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-10, atol=1e-12)
+    assert _slots(op)[(1, op.shape[0])].replay is not None, _slots(op)[(1, op.shape[0])].error
+    ggn.kron(x, y, len(x))  # draws on the device
