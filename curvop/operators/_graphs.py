@@ -8,10 +8,11 @@ same product with new vectors, so from the second product of a given shape on, t
 recorded once into a ``torch.cuda.CUDAGraph`` (columns copied into a static input, the result
 out of a static output) and replayed: three launches per product, whatever the network.
 
-On an H100 (``benchmarks/gpu/probe_graphs.py``, torch 2.11) a GGN product of the MLP went from
-1.54 ms to 0.135 ms (0.15x one forward+backward), of the CNN from 2.56 ms to 0.52 ms; a
-16-column matmat of the CNN, bound by its kernels, from 11.3 to 6.9 ms; the replays agreed with
-the eager products to rounding (bit for bit on the MLP).
+On an H100 (``benchmarks/results/cuda_h100_runs.md``, run 5, torch 2.11) a GGN product of the
+MLP went from 1.38 ms to 0.15 ms (0.17x one forward+backward), of the CNN from 3.3 ms to
+0.55 ms; a 16-column matmat of the CNN, bound by its kernels, from 13.1 to 7.1 ms; the replays
+agreed with the eager products to rounding (bit for bit on the MLP,
+``benchmarks/gpu/probe_graphs.py``).
 
 Written here because ``torch.cuda.make_graphed_callables`` graphs a function *and its backward*
 for autograd; a product is a fixed function of its columns without autograd, for which a plain
@@ -114,6 +115,23 @@ class _Slot:
         self.calls, self.failures, self.replay, self.error = 0, 0, None, None
 
 
+#: one CUDA stream per device for every operator's linearisation, warm-ups and captures
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream of ``device`` that linearisations are recorded and captured on.
+
+    One per device, shared by all operators: cuBLAS keeps a workspace per stream that it has
+    run on (32 MiB on an H100), so a stream per operator or per capture would cost that much
+    memory each (the first H100 run of CUDA graphs measured 65 MB more per product entry).
+    """
+    stream = _STREAMS.get(device)
+    if stream is None:
+        stream = _STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 def linearized(make, device: torch.device):
     """``make()`` (an operator's products: its cached graph), on a stream of its own on CUDA.
 
@@ -125,7 +143,7 @@ def linearized(make, device: torch.device):
     """
     if device.type != "cuda":
         return make()
-    stream = torch.cuda.Stream(device)
+    stream = _stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         products = make()
@@ -141,7 +159,7 @@ def _end_failed_capture(device: torch.device) -> None:
     capture that succeeds runs it.
     """
     try:
-        stream = torch.cuda.Stream(device)
+        stream = _stream(device)
         x = torch.zeros(1, device=device)
         with torch.cuda.device(device), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
             x.add_(1)
@@ -152,14 +170,15 @@ def _end_failed_capture(device: torch.device) -> None:
 def _capture(fn, V: Tensor) -> _Replay:
     """Record ``fn`` at a static copy of ``V``.
 
-    The warm-up runs on the very stream that is then captured (per-stream library state such
-    as cuBLAS workspaces then exists before the capture). ``thread_local`` capture errors: the
+    The warm-up runs on the very stream that is then captured, the one the linearisation was
+    recorded on (per-stream library state such as cuBLAS workspaces then exists before the
+    capture, and the backward passes need no second stream). ``thread_local`` capture errors: the
     backward passes run on the autograd engine's device thread, not the capturing one, and
     another thread's unrelated work (a data loader pinning memory) must not spoil a capture.
     """
     device = V.device
     static_in = V.detach().clone()
-    side = torch.cuda.Stream(device)
+    side = _stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(WARMUPS):
