@@ -111,6 +111,9 @@ class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
         self._batch = batch
         self._P = batch.sel.num_params
         self._shared = cache
+        #: replay repeated products as CUDA graphs (see _graphs); the data-set operator turns
+        #: it off for its per-batch operators, whose graphs would each hold their own memory
+        self._cuda_graphs = True
 
     # --- products ----------------------------------------------------------------------
 
@@ -148,11 +151,11 @@ class CurvatureLinearOperator(_CheckedMatmul, LinearOperator):
         n = chunk_size(b.budget, per_col, cols.shape[0])
         products = self.products
         # on a GPU, repeated products of one shape are replayed as CUDA graphs (see _graphs)
+        run = graphed_matmat if self._cuda_graphs else (lambda p, V: p.matmat(V))
         if n >= cols.shape[0]:
-            out = graphed_matmat(products, cols)
+            out = run(products, cols)
         else:
-            out = torch.cat([graphed_matmat(products, cols[i: i + n])
-                             for i in range(0, cols.shape[0], n)])
+            out = torch.cat([run(products, cols[i: i + n]) for i in range(0, cols.shape[0], n)])
         if rhs.dim() == 1:
             return out[0]
         return out.reshape(*rhs.shape[:-2], rhs.shape[-1], P).movedim(-1, -2)

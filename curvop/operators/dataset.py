@@ -90,6 +90,7 @@ class DatasetLinearOperator(_CheckedMatmul, LinearOperator):
         self._batches = []
         for _, x, y in self._iterate("curvature (first pass)"):
             batch_loss, op = self._iface.full_operator(x, y)
+            op._cuda_graphs = False  # a graph per batch would hold memory per batch
             entry = {"fp": _fingerprint(x, y), "S": getattr(op, "_S", None), "op": op}
             loss = loss + batch_loss
             used += x.numel() * x.element_size() * 8
@@ -114,6 +115,7 @@ class DatasetLinearOperator(_CheckedMatmul, LinearOperator):
             op = entry["op"]
             if op is None:
                 op = self._iface._rebuild_operator(x, y, entry["S"])
+                op._cuda_graphs = False
             seen += 1
             yield op
         if seen != len(self._batches):

@@ -33,6 +33,17 @@ def test_switch_and_cpu_products_stay_eager():
     assert not _slots(op)  # nothing recorded for CPU tensors
 
 
+def test_dataset_operators_keep_their_batches_eager():
+    """A graph per batch would hold memory per batch: the per-batch operators stay eager."""
+    model, x, y = Case("tanh_mlp", "classification").build()
+    loader = [(x[:3], y[:3]), (x[3:], y[3:])]
+    for cache in (True, False):
+        op = curvop.TorchGGN(model, "classification").dataset_operator(loader, cache=cache)
+        v = torch.randn(op.shape[0], dtype=op.dtype)
+        op @ v
+        assert all(not batch_op._cuda_graphs for batch_op in op._ops())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["TorchGGN", "TorchHessian", "TorchEF"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
