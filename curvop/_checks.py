@@ -505,7 +505,7 @@ def check_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     numel = 1
     for s in shape:
         numel *= int(s)
-    need = numel * torch.empty((), dtype=dtype).element_size()
+    need = numel * dtype.itemsize
     limit = max_bytes if max_bytes is not None else available_bytes(device)
     if need > limit and max_bytes is None:  # a reused reading may be stale: read again
         limit = available_bytes(device, fresh=True)
