@@ -27,6 +27,8 @@ keeps its own memory pool (one product's intermediates) while the operator lives
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,9 @@ MAX_FAILURES = 3
 WARMUPS = 2
 
 _enabled = True
+#: held by every graphed product: a capture records whatever runs on its stream, from any thread,
+#: so no other product may run on the operators' stream while one is recorded
+_LOCK = threading.RLock()
 
 
 def use_cuda_graphs(enabled: bool = True) -> None:
@@ -205,6 +210,11 @@ def matmat(products, V: Tensor) -> Tensor:
     """
     if not _eligible(V):
         return products.matmat(V)
+    with _LOCK:
+        return _graphed(products, V)
+
+
+def _graphed(products, V: Tensor) -> Tensor:
     slots = products.__dict__.setdefault("_cuda_graphs", {})
     key = tuple(V.shape)
     slot = slots.get(key)
