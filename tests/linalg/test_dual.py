@@ -80,17 +80,27 @@ def test_mc_fisher_and_grid_agree_with_separate_evaluations():
     H = op.to_dense()
     grid = torch.logspace(-3, 2, 20, dtype=F64)
     fac = factorize(op)
-    values = fac.logdet(grid)  # one eigendecomposition
-    assert fac._impl.fact._evals is not None
+    values = fac.logdet(grid)  # one reduction to band form
+    fact = fac._impl.fact
+    assert fact._band is not None and fact._W is None and not fact._chol
     chol = factorize(op, dual="cholesky")  # one Cholesky factor per δ
     separate = torch.stack([chol.logdet(float(d)) for d in grid])
-    assert chol._impl.fact._evals is None
+    assert chol._impl.fact._band is None
     torch.testing.assert_close(values, separate, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(values, torch.stack([_dense_logdet(H, d) for d in grid]),
                                rtol=1e-10, atol=1e-8)
-    # solves after the eigendecomposition use it, and agree with the Cholesky ones
+    eig = factorize(op, dual="eigh")
+    torch.testing.assert_close(eig.logdet(grid), separate, rtol=1e-12, atol=1e-9)
+    # solves after the grid use the band form (no Cholesky factor), and agree with the
+    # Cholesky and eigendecomposition ones
     b = torch.randn(op.shape[0], dtype=F64)
-    torch.testing.assert_close(fac.solve(b, 0.1), chol.solve(b, 0.1), rtol=1e-9, atol=1e-12)
+    x = fac.solve(b, 0.1)
+    assert not fact._chol
+    torch.testing.assert_close(x, chol.solve(b, 0.1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x, eig.solve(b, 0.1), rtol=1e-9, atol=1e-12)
+    # the spectrum from the band form, and the Gram matrix rebuilt on request
+    torch.testing.assert_close(fac.eigenvalues, eig.eigenvalues, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fact.W, chol._impl.fact.W, rtol=0, atol=0)
 
 
 def test_closed_form_gram_equals_per_sample_rows_and_panels():
