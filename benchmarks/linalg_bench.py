@@ -383,7 +383,12 @@ def render(res: dict) -> str:
                          f"{r['seconds']:.1f} | {r['setup_s']:.1f} |")
         lines.append(f"| {dl} | (exact dual solve, for comparison) | 2 passes | – | – | – | "
                      f"{per['exact_dual_solve_s']:.1f} | |")
-    lines += ["", "## A 20-value δ grid (1e-2 … 1e2)", "",
+    lines += ["", "## A 20-value δ grid (1e-2 … 1e2)", ""]
+    if "grid_load_avg_start" in m:
+        lines += [f"Measured in a later run of its own (`--only-grid`, with the exact single "
+                  f"evaluations above; load average {m['grid_load_avg_start']:.1f} → "
+                  f"{m.get('grid_load_avg_end', 0):.1f}).", ""]
+    lines += [
               f"- one `factorize(op).logdet(grid)`: {g['seconds']:.1f} s (median of "
               f"{len(g['times_s'])}) = **{g['ratio_to_single']:.2f} single evaluations** "
               f"({g['single_s']:.1f} s each; 20 separate evaluations: "

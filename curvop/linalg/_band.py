@@ -13,8 +13,8 @@ and a shift costs one banded Cholesky factorisation (:math:`O(R b^2)`) instead o
 (``?sytrd_sy2sb``): blocked Householder QR of the panel below the band, then a symmetric rank-2b
 update of the trailing matrix. It costs :math:`\tfrac43 R^3` flops, like the tridiagonalisation
 inside ``eigvalsh``, but all of them in matrix-matrix products, where ``eigvalsh`` spends half of
-them in memory-bound matrix-vector products (on one CPU core, R = 9000: about 3.5 Cholesky
-factorisations against 5.2).
+them in memory-bound matrix-vector products (on one CPU core, R = 9000: 3.7 Cholesky
+factorisations against 4.4 for ``eigvalsh``; benchmarks/results/linalg_cpu.md).
 
 Written by hand because neither torch nor scipy exposes ``?sytrd_sy2sb``; the banded
 factorisations and solves are LAPACK's (``scipy.linalg.lapack.dpbtrf`` / ``dpbtrs``).

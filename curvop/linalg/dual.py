@@ -27,7 +27,7 @@ Two refinements keep ``R`` and the cost down:
 
 A single ``δ`` takes a Cholesky factor of :math:`W + \delta I`. A grid of ``δ`` first reduces
 ``W`` to band form by an orthogonal similarity, :math:`W = Q B Q^\top`
-(:mod:`curvop.linalg._band`: about 3.6 Cholesky factorisations' worth of matrix products, where
+(``curvop.linalg._band``: about 3.7 Cholesky factorisations' worth of matrix products, where
 ``eigvalsh`` costs 4.3–5.2); every ``δ`` is then a banded Cholesky factorisation of
 :math:`B + \delta I` (:math:`O(R b^2)`) and every solve two applications of ``Q``
 (:math:`O(R^2)` per right-hand side). All factorisations run in float64.
@@ -309,7 +309,7 @@ class DualFactorization:
 
     Cost: the Gram matrix once. Then per ``δ`` one Cholesky factorisation
     (:math:`\tfrac13 R^3` flops) or, after the reduction to band form (:math:`\tfrac43 R^3`
-    flops, all in matrix products; on one CPU core at ``R = 9000`` about 3.6 Cholesky
+    flops, all in matrix products; on one CPU core at ``R = 9000`` about 3.7 Cholesky
     factorisations against 4.3–5.2 for ``eigvalsh``), a banded one (:math:`O(R b^2)`, ``b =
     96``) and two applications of the orthogonal factor per solve (:math:`O(R^2)` per
     right-hand side). The reduction overwrites ``W`` (no second ``R × R`` matrix);
