@@ -414,8 +414,8 @@ class DualFactorization:
         for d in deltas.tolist():
             self._check(d)
         extra = [(P - R) * math.log(d) if P != R else 0.0 for d in deltas.tolist()]
-        if self.method == "eigh":
-            lam = self.eigenvalues()
+        if self.method == "eigh" or (self.method == "auto" and self._evals is not None):
+            lam = self.eigenvalues()  # O(R) per δ once the spectrum is known
             dl = deltas.to(lam.device)
             if bool((lam.min() + dl <= 0).any()):
                 raise InputError("δI + W is not positive definite for some δ")
