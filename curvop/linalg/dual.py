@@ -339,7 +339,12 @@ class DualFactorization:
         return self._W
 
     def band(self) -> BandReduction:
-        r"""The band form :math:`W = Q B Q^\top` (computed once, in the storage of ``W``)."""
+        r"""The band form :math:`W = Q B Q^\top` (computed once, in the storage of ``W``).
+
+        Returns:
+            The :class:`~curvop.linalg._band.BandReduction` (banded factorisations per ``δ``,
+            solves, eigenvalues).
+        """
         if self._band is None:
             W, self._W = self.W, None
             self._band = BandReduction(W)
