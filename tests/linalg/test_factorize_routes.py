@@ -13,6 +13,7 @@ from curvop.linalg import factorize, logdet, low_rank_operator, solve
 
 import reference as ref
 from cases import register
+from linalg_problems import tanh_mlp
 
 F64 = torch.float64
 GRID = torch.tensor([1e-3, 0.1, 1.0, 7.5], dtype=F64)
@@ -82,13 +83,7 @@ def test_diag_lowrank_dense_and_shifted():
 
 
 def _hessian_problem():
-    torch.manual_seed(0)
-    model = register(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
-                                         torch.nn.Linear(6, 3)).double())
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(20, 4, generator=g, dtype=F64)
-    Y = torch.randint(0, 3, (20,), generator=g)
-    return model, X, Y
+    return tanh_mlp(4, 6, 20)
 
 
 def test_indefinite_hessian_iterative_route():

@@ -11,7 +11,7 @@ from curvop.errors import InputError, NotSupportedError
 from curvop.linalg import factorize, low_rank_operator
 
 import reference as ref
-from cases import register
+from linalg_problems import tanh_mlp
 
 F64 = torch.float64
 GRID = torch.tensor([1e-2, 0.3, 2.0, 9.0], dtype=F64)
@@ -28,12 +28,7 @@ def _psd(n: int, rank: int, seed: int) -> torch.Tensor:
 
 
 def _ggn_problem():
-    torch.manual_seed(0)
-    model = register(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                                         torch.nn.Linear(8, 3)).double())
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(6, 5, generator=g, dtype=F64)
-    Y = torch.randint(0, 3, (6,), generator=g)
+    model, X, Y = tanh_mlp(5, 8, 6)
     _, op = curvop.TorchGGN(model, "classification").full_operator(X, Y)
     return op, ref.ggn(model, X, Y, "classification")
 
@@ -113,12 +108,7 @@ def test_logdet_is_differentiable_in_a_delta_tensor():
 
 
 def test_iterative_estimate_and_operator_route():
-    torch.manual_seed(0)
-    model = register(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
-                                         torch.nn.Linear(6, 3)).double())
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(20, 4, generator=g, dtype=F64)
-    Y = torch.randint(0, 3, (20,), generator=g)
+    model, X, Y = tanh_mlp(4, 6, 20)
     _, op = curvop.TorchHessian(model, "classification").full_operator(X, Y)
     H = ref.hessian(model, X, Y, "classification")
     delta = float(-torch.linalg.eigvalsh(H)[0]) + 0.5
