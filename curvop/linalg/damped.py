@@ -31,6 +31,7 @@ from linear_operator.operators import (
     RootLinearOperator,
 )
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from curvop import _checks
 from curvop._checks import check_square_operator
@@ -191,6 +192,7 @@ class _DifferentiableLogdet(torch.autograd.Function):
         return curvature.logdet(delta.detach())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         (delta,) = ctx.saved_tensors
         deriv = ctx.curvature.logdet_derivative(delta.detach())
@@ -236,9 +238,9 @@ class DampedCurvature:
 
         Args:
             delta: A number, or a sequence / 1-D tensor of them. A tensor that requires grad
-                gives a result that carries it (see :meth:`logdet_derivative`), e.g. to
-                optimise the prior precision of a Laplace approximation with torch's
-                optimisers.
+                gives a result that carries it (first derivatives only, see
+                :meth:`logdet_derivative`; not on the ``'operator'`` route), e.g. to optimise
+                the prior precision of a Laplace approximation with torch's optimisers.
 
         Returns:
             A float64 scalar tensor, or `(d,)` for a grid (on the CPU).
@@ -246,8 +248,14 @@ class DampedCurvature:
         Raises:
             InputError: If :math:`A + \delta I` is not positive definite (or, for the dual
                 route, ``δ ≤ 0``).
+            NotSupportedError: For a ``delta`` that requires grad on the ``'operator'`` route.
         """
         if isinstance(delta, Tensor) and delta.requires_grad and torch.is_grad_enabled():
+            if isinstance(self._impl, _Operator):
+                raise NotSupportedError(
+                    "logdet: the 'operator' route (a Kron plus a per-parameter diagonal) has no "
+                    "derivative in δ; pass a δ without grad, or factorize(op, "
+                    "method='iterative') for an SLQ estimate that has one")
             return _DifferentiableLogdet.apply(delta, self)
         d, scalar = self._deltas(delta)
         with torch.no_grad():
@@ -534,8 +542,9 @@ def factorize(op, *, method: str = "auto", dual: str = "auto", refine: int = 0,
             diagonal, any other symmetric ``LinearOperator``, or a dense tensor.
         method: A route name to force (see the module docstring), or ``'auto'``.
         dual: Factorisation of the Gram matrix on the dual route: ``'auto'`` (Cholesky per
-            ``δ``, eigenvalues once a grid of ≥ 3 ``δ`` is asked for), ``'eigh'`` or
-            ``'cholesky'``.
+            ``δ``; the band form once a grid of ≥ 3 ``δ`` is asked for, and for every ``δ``
+            and solve after it), ``'band'``, ``'eigh'`` or ``'cholesky'`` (see
+            :class:`~curvop.linalg.DualFactorization`).
         refine: Iterative-refinement steps of dual-route solves.
         compress: Compress the loss-Hessian square roots to their rank (dual route).
         memory_budget: Bytes of per-sample rows held while building the Gram matrix.

@@ -333,7 +333,14 @@ class DualFactorization:
 
     @property
     def W(self) -> Tensor:
-        """The Gram matrix (built on first use, and again after the band reduction used it)."""
+        """The Gram matrix (built on first use, and again after the band reduction used it).
+
+        The band reduction overwrites this tensor in place: a reference to it taken before a
+        grid of ``δ`` then holds the band form, not ``W``; ``.clone()`` it to keep ``W``.
+
+        Returns:
+            `(R, R)` float64.
+        """
         if self._W is None:
             self._W = self.dual.gram()
         return self._W
@@ -348,6 +355,7 @@ class DualFactorization:
         if self._band is None:
             W, self._W = self.W, None
             self._band = BandReduction(W)
+            self._chol.clear()  # every later δ goes through the band form
         return self._band
 
     def eigenvalues(self, vectors: bool = False) -> Tensor:
@@ -402,8 +410,11 @@ class DualFactorization:
 
             \log\det(\delta I_P + M^\top M) = (P - R)\log\delta + \log\det(\delta I_R + W)
 
-        (a Cholesky factor per ``δ`` for one or two ``δ``, the band form for a grid, the
-        eigenvalues with ``method='eigh'``).
+        (a Cholesky factor per ``δ`` for one or two ``δ``, the band form for a grid; the
+        eigenvalues with ``method='eigh'``, and with ``'auto'`` once they are known, e.g. after
+        :meth:`eigenvalues` or a derivative in ``δ``: then each ``δ`` is :math:`O(R)`, the
+        eigenvalues clamped at zero, which for a rank-deficient ``W`` and ``δ`` near the
+        rounding level of ``W`` shifts the result within float64 accuracy).
 
         Args:
             deltas: The dampings `(d,)` (float64).

@@ -97,6 +97,7 @@ def test_two_deltas_use_cholesky_and_a_grid_switches_to_the_band_form():
     assert fact._band is None and len(fact._chol) == 2
     grid = fact.logdet(torch.tensor([0.5, 1.0, 2.0], dtype=F64))
     assert fact._band is not None
+    assert not fact._chol  # the band form serves every later δ: no R x R factor kept
     torch.testing.assert_close(grid[[0, 2]], one, rtol=1e-13, atol=0)
 
 

@@ -105,6 +105,11 @@ def test_logdet_is_differentiable_in_a_delta_tensor():
 
     opt.step(closure)
     assert abs(float(x.detach().exp()) - 1.0) < 1e-4
+    # first derivatives only: a second one raises instead of leaving a term out
+    d = torch.tensor(0.4, dtype=F64, requires_grad=True)
+    (g1,) = torch.autograd.grad(fac.logdet(d) ** 2, d, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g1.backward()
 
 
 def test_iterative_estimate_and_operator_route():
@@ -122,3 +127,5 @@ def test_iterative_estimate_and_operator_route():
     K = curvop.Kron([[A, B]]).add_diagonal(torch.linspace(0.1, 1.0, 6, dtype=F64))
     with pytest.raises(NotSupportedError, match="method='iterative'"):
         factorize(K).logdet_derivative(0.5)
+    with pytest.raises(NotSupportedError, match="no derivative"):
+        factorize(K).logdet(torch.tensor(0.5, dtype=F64, requires_grad=True))
