@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,12 @@ def _summary(payloads: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(payloads: list[dict[str, Any]]) -> str:
+def render_markdown(payloads: list[dict[str, Any]], others: Sequence[str] = ()) -> str:
     """Render the report for a list of result payloads (one per problem and device).
 
     Args:
         payloads: Contents of ``<problem>_<device>.json`` files.
+        others: File names of the other suites' markdown results in the same folder, linked.
 
     Returns:
         Markdown text.
@@ -252,6 +254,9 @@ def render_markdown(payloads: list[dict[str, Any]]) -> str:
                     if q["device"] != payloads[0]["device"]}.values()],
         f"- Packages: {versions}.",
         f"- Settings: {payloads[0].get('settings')}.",
+        *([f"- Other results in this folder: {', '.join(f'[{n}]({n})' for n in others)} "
+           "(`benchmarks.kron_bench`, `benchmarks.linalg_bench`, GPU run logs)."]
+          if others else []),
         "- **median ms**: median wall time of the timed calls after one warm-up call "
         "(`perf_counter`, CUDA synchronised); setup (building interfaces and operators, "
         "BackPACK `extend`) is not timed, except in `operator_build` and the KFAC "
@@ -312,7 +317,8 @@ def write_readme(out: Path) -> Path:
                 payload.get("problem"), dict) and "machine" in payload:
             payloads.append(payload)
     readme = Path(out) / "README.md"
-    readme.write_text(render_markdown(payloads))
+    others = sorted(p.name for p in Path(out).glob("*.md") if p.name != "README.md")
+    readme.write_text(render_markdown(payloads, others))
     return readme
 
 
