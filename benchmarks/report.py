@@ -254,7 +254,7 @@ def render_markdown(payloads: list[dict[str, Any]], others: Sequence[str] = ()) 
                     if q["device"] != payloads[0]["device"]}.values()],
         f"- Packages: {versions}.",
         f"- Settings: {payloads[0].get('settings')}.",
-        *([f"- Other results in this folder: {', '.join(f'[{n}]({n})' for n in others)} "
+        *([f"- Other results in this folder: {', '.join(f'`{n}`' for n in others)} "
            "(`benchmarks.kron_bench`, `benchmarks.linalg_bench`, GPU run logs)."]
           if others else []),
         "- **median ms**: median wall time of the timed calls after one warm-up call "
