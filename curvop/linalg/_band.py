@@ -52,6 +52,13 @@ def _compact_wy(V: Tensor, tau: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(U, D, upper=True, unitriangular=True)
 
 
+def _unit_lower(a: Tensor) -> Tensor:
+    """The Householder vectors of ``geqrf``'s output ``a`` `(m, k)`: below the diagonal, 1 on it."""
+    V = torch.tril(a, -1)
+    V.diagonal().fill_(1.0)
+    return V
+
+
 class BandReduction:
     r""":math:`W = Q B Q^\top` (banded :math:`B`), computed in place in ``W``.
 
@@ -76,9 +83,7 @@ class BandReduction:
         while k + b < R:
             s = k + b
             a, tau = torch.geqrf(A[s:, k:k + b])
-            kk = tau.numel()
-            V = torch.tril(a[:, :kk], -1)
-            V.diagonal().fill_(1.0)
+            V = _unit_lower(a[:, :tau.numel()])
             T = _compact_wy(V, tau)
             A[s:, k:k + b] = a  # R on and above the diagonal (in the band), V below it
             self._panels.append((k, s, T))
@@ -86,9 +91,7 @@ class BandReduction:
             k += b
         # lower band storage: ab[d, j] = B[j + d, j]
         self._ab = np.zeros((b + 1, R))
-        lower = A.diagonal(0)
-        self._ab[0] = lower.cpu().numpy()
-        for d in range(1, b + 1):
+        for d in range(b + 1):
             self._ab[d, :R - d] = A.diagonal(-d).cpu().numpy()
         self._factors: dict[float, np.ndarray] = {}
 
@@ -143,16 +146,11 @@ class BandReduction:
         return torch.from_numpy(np.sort(lam)).to(self.device)
 
     # ------------------------------------------------------------------ orthogonal factor
-    def _vectors(self, k: int, s: int, width: int) -> Tensor:
-        V = torch.tril(self._A[s:, k:k + width], -1)
-        V.diagonal().fill_(1.0)
-        return V
-
     def _apply(self, Y: Tensor, transpose: bool) -> Tensor:
         """``Qᵀ Y`` (``transpose``) or ``Q Y``, in place; ``Q = H_0 H_1 ⋯``."""
         panels = self._panels if transpose else reversed(self._panels)
         for k, s, T in panels:
-            V = self._vectors(k, s, T.shape[0])
+            V = _unit_lower(self._A[s:, k:k + T.shape[0]])
             TT = T.mT if transpose else T
             Y[s:] -= V @ (TT @ (V.mT @ Y[s:]))
         return Y
