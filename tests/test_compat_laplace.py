@@ -223,7 +223,8 @@ def test_methods_follow_laplace_conventions(likelihood):
     for got in (ours_ll.jacobians(X), ours_ll.last_layer_jacobians(X),
                 ours.last_layer_jacobians(X)):
         torch.testing.assert_close(got, theirs_ll.last_layer_jacobians(X))
-    # one batch's (loss, curvature); laplace's EF is curvop's divided by factor
+    # one batch's (loss, curvature); laplace's EF is curvop's divided by factor (0.3) or curvop's
+    # (0.5)
     for ours_cls, ref_cls, method, args in (
         (cl.CurvopGGN, BackPackGGN, "full", (X, y)), (cl.CurvopGGN, BackPackGGN, "diag", (X, y)),
         (cl.CurvopEF, BackPackEF, "full", (X, y)), (cl.CurvopEF, BackPackEF, "diag", (X, y)),
@@ -237,6 +238,26 @@ def test_methods_follow_laplace_conventions(likelihood):
         if method == "kron":
             got, want = (got[0], got[1].kfacs), (want[0], want[1].kfacs)
         torch.testing.assert_close(got, want, msg=f"{ours_cls.__name__}.{method}")
+
+
+def test_ef_scaling_is_read_from_the_installed_laplace(monkeypatch):
+    """0.3 scales the EF of ``lossfunc`` by ``factor``, 0.5 by ``factor ** 2`` (curvop's)."""
+    installed = cl.LAPLACE_POWER["ef"]
+    assert cl.FACTOR_POWER == {"ggn": 0, "ef": installed - 2, "hessian": 0}
+    backend = cl.CurvopEF(make_model("regression"), "regression")
+    assert backend._curvature_factor == 0.5 ** installed
+    if hasattr(laplace.curvature.EFInterface, "_curvature_factor"):
+        assert installed == 2
+        assert backend._curvature_factor == laplace.curvature.EFInterface(
+            make_model("regression"), "regression")._curvature_factor
+    else:
+        assert installed == 1
+    # both conventions, whichever is installed
+    monkeypatch.delattr(cl.LaplaceEFInterface, "_curvature_factor", raising=False)
+    assert cl._laplace_ef_power() == 1
+    monkeypatch.setattr(cl.LaplaceEFInterface, "_curvature_factor",
+                        property(lambda self: self.factor ** 2), raising=False)
+    assert cl._laplace_ef_power() == 2
 
 
 def test_classes_mirror_the_registry():

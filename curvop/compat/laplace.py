@@ -1,9 +1,9 @@
 r"""laplace-torch backends computed by curvop: ``Laplace(model, ..., backend=CurvopGGN)``.
 
 Every class of curvop's backend registry (:data:`curvop.curvature.registry.BACKENDS`) gets a
-laplace-torch 0.3 backend here, named ``"Curvop" +`` the curvop class name without ``Torch``:
-``CurvopGGN``, ``CurvopEF``, ``CurvopHessian`` (the native torch.func backend),
-``CurvopBackPackGGN``, ``CurvopBackPackEF``, ``CurvopAsdlGGN``, ``CurvopAsdlEF``,
+laplace-torch backend here (laplace-torch 0.3 and 0.5), named ``"Curvop" +`` the curvop class
+name without ``Torch``: ``CurvopGGN``, ``CurvopEF``, ``CurvopHessian`` (the native torch.func
+backend), ``CurvopBackPackGGN``, ``CurvopBackPackEF``, ``CurvopAsdlGGN``, ``CurvopAsdlEF``,
 ``CurvopAsdlHessian``. They subclass laplace-torch's ``GGNInterface`` / ``EFInterface`` /
 ``CurvatureInterface`` (``SubnetLaplace`` insists on the first two), so an existing workflow
 switches to curvop with one argument::
@@ -18,17 +18,19 @@ its matrix-free operators); the classes translate only what laplace-torch does d
 - ``gradients``: ``(Gs, loss)`` of ``lossfunc`` *without* ``factor`` (curvop: ``(loss, Gs)``
   of ``factor * lossfunc``), so both are curvop's divided by ``factor``.
 - ``full`` / ``diag`` / ``kron`` / ``eig_lowrank`` return ``factor * lossfunc`` as the loss
-  (curvop's loss). The GGN and the Hessian are curvop's. laplace-torch's empirical Fisher is
-  ``factor * Σ ∇ℓ ∇ℓᵀ`` with ``ℓ = lossfunc``, i.e. curvop's EF divided by ``factor`` (twice
-  curvop's for regression).
+  (curvop's loss). The GGN and the Hessian are curvop's. laplace-torch 0.3's empirical Fisher
+  is ``factor * Σ ∇ℓ ∇ℓᵀ`` with ``ℓ = lossfunc``, i.e. curvop's EF divided by ``factor`` (twice
+  curvop's for regression); laplace-torch 0.5's is ``factor ** 2 * Σ ∇ℓ ∇ℓᵀ``, curvop's. The
+  installed version's convention is read from its ``EFInterface`` (:data:`FACTOR_POWER`).
 - ``kron`` returns laplace-torch's own ``laplace.utils.matrix.Kron`` (``KronLaplace`` adds it
   to its ``Kron`` factor-wise). The blocks are curvop's (input side already divided by the
   data-set size ``N``, so that factor-wise sums over batches are the data-set KFAC), with
   laplace-torch's split of the scale over the two factors: its Curvlinops and BackPACK
-  backends compute factors of ``lossfunc`` and multiply the ``Kron`` by ``factor``, which
-  ``Kron.__mul__`` spreads as ``factor ** (1/2)`` per factor. So ``[A, B]`` becomes
-  ``[A · s / √factor, B · √factor]`` and a dense ``[C]`` becomes ``[C · s]``, ``s`` the scale
-  above (1, or ``1 / factor`` for the EF). Only ``KronLaplace(damping=True)`` sees the split.
+  backends compute factors of ``lossfunc`` and multiply the ``Kron`` by their curvature
+  factor ``c`` (``factor``; ``factor ** 2`` for the EF of 0.5), which ``Kron.__mul__`` spreads
+  as ``c ** (1/2)`` per factor. So ``[A, B]`` becomes ``[A · s / √c, B · √c]`` and a dense
+  ``[C]`` becomes ``[C · s]``, ``s`` the scale above (1, or ``1 / factor`` for the EF of 0.3).
+  Only ``KronLaplace(damping=True)`` sees the split.
   (laplace-torch's ASDL GGN backend splits regression factors differently, ``[A, B]``.)
 - A laplace-torch ``FeatureExtractor`` (what ``LLLaplace`` passes, with ``last_layer=True``)
   becomes a :class:`curvop.FeatureExtractor` of the same network and last layer.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -77,8 +80,28 @@ LAPLACE_BASES: dict[str, type] = {
     "ef": LaplaceEFInterface,
     "hessian": LaplaceCurvatureInterface,
 }
+
+
+def _laplace_ef_power() -> int:
+    """The power of ``factor`` in the installed laplace-torch's empirical Fisher.
+
+    laplace-torch 0.3 scales ``Σ ∇ℓ ∇ℓᵀ`` (``ℓ`` from ``lossfunc``) by ``factor``; 0.5 by
+    ``factor ** 2`` (its ``EFInterface._curvature_factor``), which is curvop's EF. Read from
+    laplace-torch's own definition, evaluated at ``factor = 1/2``.
+    """
+    prop = getattr(LaplaceEFInterface, "_curvature_factor", None)
+    if not isinstance(prop, property):
+        return 1
+    return round(math.log(prop.fget(SimpleNamespace(factor=0.5)), 0.5))
+
+
+#: curvop kind → power of ``factor`` in curvop's curvature of ``factor * lossfunc``, relative
+#: to the curvature of ``lossfunc`` (the EF is quadratic in the loss)
+CURVOP_POWER: dict[str, int] = {"ggn": 1, "ef": 2, "hessian": 1}
+#: curvop kind → the same power in the installed laplace-torch (its ``_curvature_factor``)
+LAPLACE_POWER: dict[str, int] = {"ggn": 1, "ef": _laplace_ef_power(), "hessian": 1}
 #: curvop kind → power of ``factor`` that turns curvop's curvature into laplace-torch's
-FACTOR_POWER: dict[str, int] = {"ggn": 0, "ef": -1, "hessian": 0}
+FACTOR_POWER: dict[str, int] = {k: LAPLACE_POWER[k] - CURVOP_POWER[k] for k in CURVOP_POWER}
 
 
 def _delegated(name: str) -> property:
@@ -136,8 +159,11 @@ def to_laplace_kron(K: Kron, factor: float, scale: float = 1.0,
 
     Args:
         K: Blocks ``[A, B]`` (``A ⊗ B``) or ``[C]``, in parameter order.
-        factor: The likelihood's ``factor`` (0.5 regression, 1 classification).
-        scale: What the curvature is multiplied by (``1 / factor`` for the EF).
+        factor: What laplace-torch multiplies its ``Kron`` of ``lossfunc`` by (its
+            ``_curvature_factor``: the likelihood's ``factor``, 0.5 for regression and 1 for
+            classification; for the EF of laplace-torch 0.5, ``factor ** 2``).
+        scale: What curvop's curvature is multiplied by (``1 / factor`` for the EF of
+            laplace-torch 0.3; see :data:`FACTOR_POWER`).
         params: If given, the parameters whose ``Kron.init_from_model`` layout the blocks
             must match (``KronLaplace`` adds the result to that layout factor by factor).
 
@@ -249,6 +275,14 @@ class CurvopBackend(LaplaceCurvatureInterface):
     @property
     def _scale(self) -> float:
         return self.factor ** FACTOR_POWER[self.kind]
+
+    @property
+    def _curvature_factor(self) -> float:
+        """What laplace-torch multiplies the curvature of ``lossfunc`` by.
+
+        ``factor``; for the EF ``factor`` in laplace-torch 0.3 and ``factor ** 2`` in 0.5.
+        """
+        return self.factor ** LAPLACE_POWER[self.kind]
 
     def jacobians(self, x: Tensor, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """Per-sample Jacobians in laplace-torch's layout.
@@ -374,7 +408,7 @@ class CurvopBackend(LaplaceCurvatureInterface):
             :func:`to_laplace_kron` for the scaling).
         """
         loss, K = self.curvature.kron(x, y, N, **kwargs)
-        return loss, to_laplace_kron(K, self.factor, self._scale, self.params)
+        return loss, to_laplace_kron(K, self._curvature_factor, self._scale, self.params)
 
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
         """Top ``low_rank`` eigenpairs of the curvature over a data set.
@@ -491,6 +525,7 @@ def Laplace(model: nn.Module, likelihood: str, subset_of_weights: str = "last_la
                             **kwargs)
 
 
-__all__ = ["CurvopBackend", "LAPLACE_BACKENDS", "LAPLACE_BASES", "FACTOR_POWER", "Laplace",
+__all__ = ["CurvopBackend", "LAPLACE_BACKENDS", "LAPLACE_BASES", "CURVOP_POWER", "LAPLACE_POWER",
+           "FACTOR_POWER", "Laplace",
            "LowRankLaplace", "to_laplace_kron",
            *_NAMES]
