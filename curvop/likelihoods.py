@@ -178,7 +178,9 @@ class Likelihood(enum.Enum):
         Labels are drawn from the model's predictive (``Categorical(softmax(f))`` or
         ``Normal(f, I)``) and each column is the output gradient at a sampled label divided by
         :math:`\sqrt{K}`, so ``S @ S.mT`` is the average of ``g gᵀ``: an unbiased estimate of Λ.
-        Sampling runs on the generator's device (CPU if none) for reproducibility, then moves.
+        Sampling runs on the generator's device (the outputs' device if none) for
+        reproducibility, then moves: a CPU generator for outputs on a GPU costs a host
+        synchronisation and two transfers per call, a generator on the GPU neither.
         ``y`` is unused (uniform signature with :class:`TokenClassification`).
         """
         B, C = f.shape
