@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
 PY=${PYTHON:-python3}
-for req in backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 asdfghjkl==0.1a4 laplace-torch==0.3 \
+for req in backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 asdfghjkl==0.1a5 laplace-torch==0.5.1 \
            curvlinops-for-pytorch==3.0.1 einconv==0.1.0; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl "$req"
