@@ -526,6 +526,4 @@ def Laplace(model: nn.Module, likelihood: str, subset_of_weights: str = "last_la
 
 
 __all__ = ["CurvopBackend", "LAPLACE_BACKENDS", "LAPLACE_BASES", "CURVOP_POWER", "LAPLACE_POWER",
-           "FACTOR_POWER", "Laplace",
-           "LowRankLaplace", "to_laplace_kron",
-           *_NAMES]
+           "FACTOR_POWER", "Laplace", "LowRankLaplace", "to_laplace_kron", *_NAMES]
